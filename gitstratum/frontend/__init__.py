@@ -1,0 +1,3 @@
+"""The frontend tier: smart HTTP, auth, admin API, metrics; thin adapters over the engines."""
+
+__all__: list[str] = []

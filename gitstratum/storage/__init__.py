@@ -1,0 +1,3 @@
+"""The storage seams (``IObjectStore``, ``IMetadataStore``) and their LMDB implementations."""
+
+__all__: list[str] = []
