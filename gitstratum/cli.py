@@ -342,3 +342,7 @@ def main(
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 1
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -105,6 +105,7 @@ def parse_commit(raw: bytes) -> tuple[ObjectID, tuple[ObjectID, ...], int]:
     """Return (tree, parents, commit_time) of a raw commit body."""
     try:
         c = Commit.from_raw_string(Commit.type_num, raw)
+        assert isinstance(c, Commit)
         return oid(c.tree), tuple(oid(p) for p in c.parents), int(c.commit_time)
     except Exception as e:  # dulwich raises many types for malformed input
         raise ObjectParseError(f"bad commit: {e}") from e
@@ -114,6 +115,7 @@ def parse_tag(raw: bytes) -> tuple[ObjectID, ObjectType, bytes]:
     """Return (target, target type, tag name) of a raw tag body."""
     try:
         t = Tag.from_raw_string(Tag.type_num, raw)
+        assert isinstance(t, Tag)
         target_cls, target = t.object
         return oid(target), ObjectType(target_cls.type_num), t.name
     except Exception as e:

@@ -1,0 +1,387 @@
+"""Smart HTTP on Klein: a thin adapter from HTTP requests to the protocol engines.
+
+Routing, authentication and framing happen here; everything that touches
+the stores, inflates or hashes runs through the injected ``BlockingRunner``.
+Responses stream through ``ThreadedIteratorProducer`` so a slow client
+pauses pack generation instead of growing a buffer.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+import zlib
+from collections.abc import Callable
+from typing import IO, Any, BinaryIO, cast
+
+import attrs
+from klein import Klein
+from twisted.internet.interfaces import IConsumer
+from twisted.logger import Logger
+from twisted.web import server
+from twisted.web.http import _getContentFile  # the size-based BytesIO/tempfile choice Request uses
+from twisted.web.iweb import IRequest
+
+from gitstratum.core.limits import Limits
+from gitstratum.core.pktline import PktLineError, error_pkt
+from gitstratum.frontend.admin_api import AdminAPI
+from gitstratum.frontend.auth import Authorizer
+from gitstratum.frontend.metrics import Metrics, log_request
+from gitstratum.frontend.paths import BadPath, GitPath, parse_git_path
+from gitstratum.frontend.threads import BlockingRunner, ThreadedIteratorProducer
+from gitstratum.protocol import receive_pack
+from gitstratum.protocol.ingest import PushProcessor
+from gitstratum.protocol.upload_service import UploadPackService
+from gitstratum.storage.interfaces import IMetadataStore, Permission, Repository
+
+__all__ = ["GitHTTP", "spooling_request_factory", "BodyTooLarge"]
+
+_NO_CACHE = {
+    b"Cache-Control": b"no-cache, max-age=0, must-revalidate",
+    b"Pragma": b"no-cache",
+    b"Expires": b"Fri, 01 Jan 1980 00:00:00 GMT",
+}
+
+
+class BodyTooLarge(Exception):
+    """A request body, raw or inflated, passed its configured limit."""
+
+
+class _SpoolingRequest(server.Request):
+    """A Request that spools its body under the data dir and stops storing past a bound.
+
+    Twisted buffers every body whole (memory below 100 kB, a temp file
+    above).  We keep the temp file but put it where the data lives and count
+    bytes, so an endless chunked upload costs neither memory nor disk.
+    """
+
+    max_body: int = 0
+    spool_dir: str | None = None
+    body_too_large: bool = False
+    _body_seen: int = 0
+
+    def gotLength(self, length: int | None) -> None:
+        self._body_seen = 0
+        self.body_too_large = length is not None and length > self.max_body
+        if length is not None and length < 100_000:
+            self.content = _getContentFile(length)
+        else:
+            self.content = tempfile.TemporaryFile(dir=self.spool_dir)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self._body_seen += len(data)
+        if self._body_seen > self.max_body:
+            self.body_too_large = True
+            return
+        assert self.content is not None
+        self.content.write(data)
+
+
+def spooling_request_factory(max_body: int, spool_dir: str | None) -> type[server.Request]:
+    """A Request class for ``Site(requestFactory=...)`` with these bounds."""
+    return type(
+        "SpoolingRequest", (_SpoolingRequest,), {"max_body": max_body, "spool_dir": spool_dir}
+    )
+
+
+def _read_body(content: IO[bytes], gzipped: bool, limit: int) -> bytes:
+    """The whole (small) request body, gunzipped, refusing more than *limit* bytes."""
+    content.seek(0)
+    raw = content.read(limit + 1)
+    if not gzipped:
+        if len(raw) > limit:
+            raise BodyTooLarge(f"request body exceeds {limit} bytes")
+        return raw
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        out = d.decompress(raw, limit + 1)
+    except zlib.error as e:
+        raise ValueError(f"bad gzip request body: {e}") from None
+    if len(out) > limit or d.unconsumed_tail:
+        raise BodyTooLarge(f"inflated request body exceeds {limit} bytes")
+    return out
+
+
+def _gunzip_to_spool(content: IO[bytes], limit: int, spool_dir: str | None) -> IO[bytes]:
+    """Inflate a gzip body into a new spool file, bounded by *limit* inflated bytes."""
+    content.seek(0)
+    out = tempfile.TemporaryFile(dir=spool_dir)
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    total = 0
+    try:
+        while True:
+            chunk = content.read(1 << 20)
+            data = d.decompress(chunk, 1 << 22) if chunk else d.flush()
+            while True:
+                total += len(data)
+                if total > limit:
+                    raise BodyTooLarge(f"inflated request body exceeds {limit} bytes")
+                out.write(data)
+                if not d.unconsumed_tail:
+                    break
+                data = d.decompress(d.unconsumed_tail, 1 << 22)
+            if not chunk:
+                break
+    except zlib.error as e:
+        out.close()
+        raise ValueError(f"bad gzip request body: {e}") from None
+    out.seek(0)
+    return out
+
+
+@attrs.define
+class _Exchange:
+    """Book-keeping for one request's log line and metrics."""
+
+    service: str
+    repo: str = "-"
+    user: str = "-"
+    repo_class: str = "none"
+    status: int = 200
+    outcome: str = "ok"
+    nbytes: int = 0
+    started: float = attrs.field(factory=time.monotonic)
+
+
+@attrs.define
+class GitHTTP:
+    """The whole HTTP surface: Git smart HTTP, /api/v1, /healthz and /metrics."""
+
+    metadata: IMetadataStore
+    authorizer: Authorizer
+    upload: UploadPackService
+    push: PushProcessor
+    admin: AdminAPI
+    metrics: Metrics
+    run: BlockingRunner
+    limits: Limits = Limits()
+    spool_dir: str | None = None
+    app: Klein = attrs.field(factory=Klein)
+    monotonic: Callable[[], float] = time.monotonic
+
+    log = Logger()
+
+    def __attrs_post_init__(self) -> None:
+        app = self.app
+        app.route("/healthz")(self._healthz)
+        app.route("/metrics")(self._metrics)
+        app.route("/api/", branch=True)(self._api)
+        app.route("/", branch=True)(self._git)
+
+    def resource(self) -> Any:
+        return self.app.resource()
+
+    # -- operations ------------------------------------------------------------
+    def _healthz(self, request: IRequest) -> bytes:
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        return b"ok\n"
+
+    def _metrics(self, request: IRequest) -> bytes:
+        body, content_type = self.metrics.render()
+        request.setHeader(b"Content-Type", content_type.encode("ascii"))
+        return body
+
+    def _api(self, request: IRequest) -> Any:
+        return self.admin.app.resource()
+
+    # -- git ----------------------------------------------------------------------
+    async def _git(self, request: IRequest) -> bytes | None:
+        try:
+            path = parse_git_path(request.path)
+        except BadPath as e:
+            return self._plain(request, 400, str(e))
+        if path is None:
+            return self._plain(request, 404, "Not found")
+        if path.endpoint == b"dumb":
+            return self._plain(
+                request, 404, "the dumb HTTP protocol is not supported; use a git client with smart HTTP"
+            )
+        method = request.method
+        if path.endpoint == b"info/refs":
+            if method not in (b"GET", b"HEAD"):
+                return self._plain(request, 405, "Method not allowed")
+            return await self._info_refs(request, path)
+        if method != b"POST":
+            return self._plain(request, 405, "Method not allowed")
+        if path.endpoint == b"git-upload-pack":
+            return await self._upload_pack(request, path)
+        return await self._receive_pack(request, path)
+
+    def _plain(self, request: IRequest, status: int, message: str) -> bytes:
+        request.setResponseCode(status)
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        return message.encode("utf-8") + b"\n"
+
+    def _finish(self, ex: _Exchange) -> None:
+        seconds = time.monotonic() - ex.started
+        self.metrics.observe_request(
+            service=ex.service,
+            repo_class=ex.repo_class,
+            outcome=ex.outcome,
+            seconds=seconds,
+            nbytes=ex.nbytes,
+        )
+        log_request(
+            self.log,
+            repo=ex.repo,
+            service=ex.service,
+            user=ex.user,
+            nbytes=ex.nbytes,
+            seconds=seconds,
+            outcome=ex.outcome,
+            status=ex.status,
+        )
+
+    async def _authorize(
+        self, request: IRequest, path: GitPath, need: Permission, ex: _Exchange
+    ) -> Repository | bytes:
+        """The repository when the caller may use it, else the error body already set up."""
+        ex.repo = path.repo
+        header = request.getHeader(b"authorization")
+        user = None
+        if header is not None:
+            user = await self.run(self.authorizer.user_for_basic, header)
+            if user is None:
+                return self._deny(request, ex, 401, "Invalid username or token.")
+            ex.user = user.name
+        repo = await self.run(self.metadata.get_repository, path.repo)
+        decision = await self.run(self.authorizer.decide, user, repo, need)
+        if not decision.allowed:
+            return self._deny(request, ex, decision.status, decision.message)
+        assert repo is not None
+        ex.repo_class = "public" if repo.public else "private"
+        return repo
+
+    def _deny(self, request: IRequest, ex: _Exchange, status: int, message: str) -> bytes:
+        ex.status, ex.outcome = status, "denied"
+        if status == 401:
+            request.setHeader(b"WWW-Authenticate", b'Basic realm="GitStratum"')
+        body = self._plain(request, status, message)
+        self._finish(ex)
+        return body
+
+    async def _info_refs(self, request: IRequest, path: GitPath) -> bytes:
+        args = request.args or {}
+        service = (args.get(b"service") or [b""])[0]
+        if not service:
+            return self._plain(
+                request, 404, "the dumb HTTP protocol is not supported; use a git client with smart HTTP"
+            )
+        if service not in (b"git-upload-pack", b"git-receive-pack"):
+            return self._plain(request, 403, "Unsupported service")
+        ex = _Exchange(service=service.decode() + "-advertisement")
+        need = Permission.READ if service == b"git-upload-pack" else Permission.WRITE
+        repo = await self._authorize(request, path, need, ex)
+        if isinstance(repo, bytes):
+            return repo
+        version = self._protocol_version(request)
+        if service == b"git-upload-pack":
+            body = await self.run(self.upload.advertise, repo, version=version, http=True)
+        else:
+            snapshot = await self.run(self.metadata.get_refs, repo)
+            body = receive_pack.advertise(snapshot, http=True)
+        request.setHeader(b"Content-Type", b"application/x-%s-advertisement" % service)
+        for k, v in _NO_CACHE.items():
+            request.setHeader(k, v)
+        ex.nbytes = len(body)
+        self._finish(ex)
+        return body
+
+    @staticmethod
+    def _protocol_version(request: IRequest) -> int:
+        header = request.getHeader(b"git-protocol") or b""
+        return 2 if b"version=2" in header.split(b":") else 0
+
+    def _check_body(self, request: IRequest, ex: _Exchange, kind: bytes) -> bytes | None:
+        content_type = request.getHeader(b"content-type") or b""
+        if content_type != b"application/x-%s-request" % kind:
+            ex.status, ex.outcome = 415, "bad-request"
+            self._finish(ex)
+            return self._plain(request, 415, f"Content-Type must be application/x-{kind.decode()}-request")
+        if getattr(request, "body_too_large", False):
+            ex.status, ex.outcome = 413, "too-large"
+            self._finish(ex)
+            return self._plain(request, 413, "Request body too large")
+        return None
+
+    def _is_gzip(self, request: IRequest) -> bool:
+        return (request.getHeader(b"content-encoding") or b"").lower() in (b"gzip", b"x-gzip")
+
+    async def _upload_pack(self, request: IRequest, path: GitPath) -> bytes | None:
+        ex = _Exchange(service="upload-pack")
+        repo = await self._authorize(request, path, Permission.READ, ex)
+        if isinstance(repo, bytes):
+            return repo
+        refused = self._check_body(request, ex, b"git-upload-pack")
+        if refused is not None:
+            return refused
+        try:
+            body = await self.run(
+                _read_body, request.content, self._is_gzip(request), self.limits.max_request_bytes
+            )
+        except BodyTooLarge as e:
+            ex.status, ex.outcome = 413, "too-large"
+            self._finish(ex)
+            return self._plain(request, 413, str(e))
+        except ValueError as e:
+            ex.status, ex.outcome = 400, "bad-request"
+            self._finish(ex)
+            return self._plain(request, 400, str(e))
+        request.setHeader(b"Content-Type", b"application/x-git-upload-pack-result")
+        for k, v in _NO_CACHE.items():
+            request.setHeader(k, v)
+        iterator = self.upload.serve(repo, body, version=self._protocol_version(request))
+        producer = ThreadedIteratorProducer(cast(IConsumer, request), iterator, self.run)
+        try:
+            ex.nbytes = await producer.start()
+        except Exception:
+            # The response has started; all we can do is log and cut the stream.
+            self.log.failure("upload-pack failed for {repo}", repo=path.repo)
+            ex.outcome, ex.status, ex.nbytes = "error", 500, producer.written
+            self._finish(ex)
+            cast(Any, request).loseConnection()
+            return None
+        self._finish(ex)
+        return None
+
+    async def _receive_pack(self, request: IRequest, path: GitPath) -> bytes | None:
+        ex = _Exchange(service="receive-pack")
+        repo = await self._authorize(request, path, Permission.WRITE, ex)
+        if isinstance(repo, bytes):
+            return repo
+        refused = self._check_body(request, ex, b"git-receive-pack")
+        if refused is not None:
+            return refused
+        content = request.content
+        try:
+            if self._is_gzip(request):
+                content = await self.run(
+                    _gunzip_to_spool, content, self.limits.max_pack_bytes, self.spool_dir
+                )
+            response = await self.run(self._push, repo, content)
+        except BodyTooLarge as e:
+            ex.status, ex.outcome = 413, "too-large"
+            self._finish(ex)
+            return self._plain(request, 413, str(e))
+        except (receive_pack.ReceivePackError, PktLineError, ValueError) as e:
+            ex.status, ex.outcome = 400, "bad-request"
+            self._finish(ex)
+            request.setResponseCode(400)
+            request.setHeader(b"Content-Type", b"application/x-git-receive-pack-result")
+            return error_pkt(str(e))
+        request.setHeader(b"Content-Type", b"application/x-git-receive-pack-result")
+        for k, v in _NO_CACHE.items():
+            request.setHeader(k, v)
+        body, ok = response
+        ex.nbytes = len(body)
+        ex.outcome = "ok" if ok else "rejected"
+        self._finish(ex)
+        return body
+
+    def _push(self, repo: Repository, content: IO[bytes]) -> tuple[bytes, bool]:
+        """Parse, ingest and report one push (runs in a worker thread)."""
+        content.seek(0)
+        request, pack = receive_pack.read_request(cast(BinaryIO, content), self.limits)
+        report = self.push.process(repo, request, pack)
+        return receive_pack.encode_response(request, report), report.ok
+

@@ -1,0 +1,81 @@
+"""Parsing smart-HTTP request paths into (repository, endpoint), refusing traversal.
+
+The raw request path is checked before anything is looked up: a percent-
+encoded dot segment, an encoded slash, a NUL or an empty segment is an
+attack or a mistake, never a repository name.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import unquote_to_bytes
+
+import attrs
+
+__all__ = ["GitPath", "BadPath", "parse_git_path", "REPO_PART", "valid_repo_name"]
+
+REPO_PART = re.compile(r"\A[A-Za-z0-9_][A-Za-z0-9._-]{0,99}\Z")
+
+_ENDPOINTS = (b"info/refs", b"git-upload-pack", b"git-receive-pack")
+# What a dumb-HTTP client asks for; answered with a clear 404.
+_DUMB = re.compile(rb"\A(HEAD|objects/.*|info/packs|info/alternates|info/http-alternates|info/refs)\Z")
+
+
+class BadPath(ValueError):
+    """A path that can never name a repository (traversal, NUL, encoded separators)."""
+
+
+@attrs.frozen
+class GitPath:
+    repo: str  # OWNER/NAME without .git
+    endpoint: bytes  # one of _ENDPOINTS, or b"dumb"
+
+
+def valid_repo_name(name: str) -> bool:
+    """True for OWNER/NAME where each part is a safe name and NAME does not end in .git."""
+    parts = name.split("/")
+    return (
+        len(parts) == 2
+        and all(REPO_PART.match(p) and p not in (".", "..") for p in parts)
+        and not parts[1].endswith(".git")
+    )
+
+
+def parse_git_path(raw_path: bytes) -> GitPath | None:
+    """Split a raw (still percent-encoded) request path.
+
+    Returns None when the path is well-formed but names no Git endpoint, and
+    raises BadPath for traversal attempts and other paths that are unsafe.
+    """
+    decoded = unquote_to_bytes(raw_path)
+    if b"\x00" in decoded or b"\\" in decoded:
+        raise BadPath("invalid repository path: NUL or backslash")
+    if raw_path.lower().count(b"%2f") or raw_path.lower().count(b"%5c"):
+        raise BadPath("invalid repository path: encoded separator")
+    if not decoded.startswith(b"/") or decoded.startswith(b"//"):
+        raise BadPath("invalid repository path: absolute or empty segment")
+    if decoded == b"/":
+        return None
+    segments = decoded[1:].split(b"/")
+    if any(s in (b".", b"..") for s in segments):
+        raise BadPath("invalid repository path: '..' is not allowed")
+    if any(s == b"" for s in segments):
+        raise BadPath("invalid repository path: empty segment")
+    if len(segments) < 3:
+        return None
+    owner, name = segments[0], segments[1]
+    rest = b"/".join(segments[2:])
+    try:
+        owner_s, name_s = owner.decode("ascii"), name.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    if name_s.endswith(".git"):
+        name_s = name_s[:-4]
+    repo = f"{owner_s}/{name_s}"
+    if not valid_repo_name(repo):
+        return None
+    if rest in _ENDPOINTS:
+        return GitPath(repo, rest)
+    if _DUMB.match(rest):
+        return GitPath(repo, b"dumb")
+    return None

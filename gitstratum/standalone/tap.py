@@ -1,0 +1,110 @@
+"""``twistd gitstratum-standalone``: options and the service tree of the embedded default."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.application import strports
+from twisted.application.service import IService, MultiService
+from twisted.logger import Logger
+from twisted.python import usage
+
+from gitstratum.core.limits import Limits
+from gitstratum.frontend.auth import bootstrap_admin
+from gitstratum.frontend.service import build_git_http, make_site
+from gitstratum.frontend.threads import thread_runner
+from gitstratum.storage.lmdb_metadata import LMDBMetadataStore
+from gitstratum.storage.lmdb_objects import LMDBObjectStore
+
+__all__ = ["Options", "makeService", "StandaloneService"]
+
+_LIMIT_OPTIONS = [
+    ("max-pack-bytes", "max_pack_bytes", int, "Largest push body (commands plus pack) accepted."),
+    ("max-object-bytes", "max_object_bytes", int, "Largest inflated object accepted in a push."),
+    ("max-inflated-bytes", "max_inflated_bytes", int, "Largest total inflated size of one pushed pack."),
+    ("max-delta-depth", "max_delta_depth", int, "Longest delta chain a push may create."),
+    ("max-pack-objects", "max_pack_objects", int, "Most objects in one pushed pack."),
+    ("max-request-bytes", "max_request_bytes", int, "Largest upload-pack request body (inflated)."),
+    ("max-empty-packets", "max_empty_packets", int, "Consecutive empty pkt-lines before refusing."),
+    ("max-push-commands", "max_push_commands", int, "Most ref updates in one push."),
+    ("max-haves", "max_haves", int, "Most 'have' lines in one negotiation request."),
+    ("max-wants", "max_wants", int, "Most 'want' lines in one request."),
+    ("idle-timeout", "idle_timeout", float, "Seconds before an idle HTTP connection is dropped."),
+]
+
+
+class Options(usage.Options):
+    optParameters: list[list[Any]] = [
+        ["data-dir", "d", "gitstratum-data", "Directory for the stores, spool and admin token."],
+        ["http", None, "tcp:8080", "Smart-HTTP endpoint (a Twisted strports description)."],
+        ["compression-level", None, 6, "zlib level for objects that must be recompressed.", int],
+        ["threads", None, 8, "Worker threads for storage, packing and hashing.", int],
+    ]
+    optParameters += [[name, None, None, doc, kind] for name, _, kind, doc in _LIMIT_OPTIONS]
+
+    def limits(self) -> Limits:
+        given = {attr: self[name] for name, attr, _, _ in _LIMIT_OPTIONS if self[name] is not None}
+        return Limits(**given)
+
+
+class StandaloneService(MultiService):
+    """Opens the LMDB stores, bootstraps the admin user, then serves HTTP; closes the stores last."""
+
+    log = Logger()
+
+    def __init__(self, options: Options, reactor: Any = None):
+        super().__init__()
+        self.options = options
+        self._reactor = reactor
+        self.metadata: LMDBMetadataStore | None = None
+        self.objects: LMDBObjectStore | None = None
+
+    def startService(self) -> None:
+        if self._reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            self._reactor = default_reactor
+        reactor: Any = self._reactor
+        data_dir = os.path.abspath(self.options["data-dir"])
+        os.makedirs(data_dir, exist_ok=True)
+        limits = self.options.limits()
+        self.metadata = LMDBMetadataStore(os.path.join(data_dir, "metadata"))
+        self.objects = LMDBObjectStore(os.path.join(data_dir, "objects"))
+        token_path = bootstrap_admin(self.metadata, data_dir)
+        if token_path is not None:
+            self.log.info("Created user 'admin'; its token is in {path}", path=token_path)
+        else:
+            self.log.info("Admin token: {path}", path=os.path.join(data_dir, "admin-token"))
+        reactor.suggestThreadPoolSize(self.options["threads"])
+        run = thread_runner(reactor, reactor.getThreadPool())
+        spool_dir = os.path.join(data_dir, "spool")
+        app = build_git_http(
+            self.metadata,
+            self.objects,
+            run=run,
+            limits=limits,
+            spool_dir=spool_dir,
+            compression_level=self.options["compression-level"],
+        )
+        self.http = app
+        site = make_site(app, limits=limits, spool_dir=spool_dir)
+        http = strports.service(self.options["http"], site, reactor=reactor)
+        http.setName("http")
+        http.setServiceParent(self)
+        super().startService()
+
+    def stopService(self) -> Any:
+        d = super().stopService()
+
+        def close(result: Any) -> Any:
+            for store in (self.metadata, self.objects):
+                if store is not None:
+                    store.close()
+            return result
+
+        return d.addBoth(close)
+
+
+def makeService(options: Options) -> IService:
+    return StandaloneService(options)
