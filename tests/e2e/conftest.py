@@ -1,0 +1,191 @@
+"""A real standalone server on loopback, and helpers that drive it like a user would."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import attrs
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = ROOT.parent / "shared" / "bench"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def git(*args: str, cwd: str | Path | None = None, check: bool = True, env: dict | None = None,
+        input: bytes | None = None) -> subprocess.CompletedProcess:
+    """Run the real git; on failure show its stderr in the assertion."""
+    proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, input=input,
+                          env={**os.environ, **(env or {})}, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"git {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr.decode()}")
+    return proc
+
+
+def refs_of(git_dir: str | Path) -> dict[str, str]:
+    out = git("for-each-ref", "--format=%(objectname) %(refname)", cwd=git_dir).stdout.decode()
+    return {name: sha for sha, name in (line.split() for line in out.splitlines())}
+
+
+def remote_refs(url: str, *extra: str) -> dict[str, str]:
+    out = git("ls-remote", *extra, url).stdout.decode()
+    refs = {}
+    for line in out.splitlines():
+        sha, name = line.split("\t")
+        if not name.endswith("^{}") and name != "HEAD":
+            refs[name] = sha
+    return refs
+
+
+@attrs.define
+class Server:
+    """A twistd gitstratum-standalone process with its own data dir."""
+
+    data_dir: Path
+    port: int
+    proc: subprocess.Popen | None = None
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, *extra: str) -> None:
+        log = open(self.data_dir.parent / f"{self.data_dir.name}.log", "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "--pidfile=", "-n", "gitstratum-standalone",
+             "--data-dir", str(self.data_dir), "--http", f"tcp:{self.port}:interface=127.0.0.1",
+             *extra],
+            stdout=log, stderr=subprocess.STDOUT, cwd=self.data_dir.parent)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.log_text()[-3000:]}")
+            try:
+                if self.request("GET", "/healthz")[0] == 200:
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("server did not come up: " + self.log_text()[-3000:])
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(20)
+        self.proc = None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None and \
+            self.request("GET", "/healthz")[0] == 200
+
+    def log_text(self) -> str:
+        p = self.data_dir.parent / f"{self.data_dir.name}.log"
+        return p.read_text(errors="replace") if p.exists() else ""
+
+    @property
+    def admin_token(self) -> str:
+        return (self.data_dir / "admin-token").read_text().strip()
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                headers: dict | None = None, timeout: float = 60) -> tuple[int, dict, bytes]:
+        """One raw HTTP request (path sent as given, never normalised)."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            conn.putrequest(method, path, skip_accept_encoding=True)
+            hdrs = dict(headers or {})
+            if body is not None and "Transfer-Encoding" not in hdrs:
+                hdrs["Content-Length"] = str(len(body))
+            for k, v in hdrs.items():
+                conn.putheader(k, v)
+            conn.endheaders()
+            if body is not None:
+                conn.send(body)
+            resp = conn.getresponse()
+            return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+        finally:
+            conn.close()
+
+    def api(self, method: str, path: str, payload: dict | None = None,
+            token: str | None = None) -> tuple[int, object]:
+        body = json.dumps(payload).encode() if payload is not None else None
+        status, _, data = self.request(method, "/api/v1" + path, body, {
+            "Authorization": f"Bearer {token or self.admin_token}",
+            "Content-Type": "application/json"})
+        return status, (json.loads(data) if data else None)
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        proc = subprocess.run([sys.executable, "-c", "import sys; from gitstratum.cli import main; sys.exit(main())",
+                               *args], capture_output=True, timeout=60,
+                              env={**os.environ, "GITSTRATUM_URL": self.base,
+                                   "GITSTRATUM_TOKEN": self.admin_token})
+        if check and proc.returncode != 0:
+            raise AssertionError(f"gitstratum {' '.join(args)}: {proc.stderr.decode()}")
+        return proc
+
+    def user_with_token(self, name: str) -> str:
+        """Create *name* (if new) through the CLI and mint it a token."""
+        if self.cli("user", "create", name, check=False).returncode not in (0, 1):
+            raise AssertionError("gitstratum user create crashed")
+        return self.cli("token", "create", name).stdout.decode().strip()
+
+    def url(self, repo: str, token: str | None = None, user: str = "ci") -> str:
+        cred = f"{user}:{token}@" if token else ""
+        return f"http://{cred}127.0.0.1:{self.port}/{repo}.git"
+
+    def basic(self, token: str, user: str = "ci") -> dict:
+        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{token}".encode()).decode()}
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    base = tmp_path_factory.mktemp("server")
+    srv = Server(base / "data", free_port())
+    srv.data_dir.mkdir()
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def ci_token(server: Server) -> str:
+    return server.user_with_token("ci")
+
+
+_repo_cache: dict[tuple, Path] = {}
+
+
+def bench_repo(tmp_root: Path, files: int, commits: int, seed: int = 1,
+               branches: int = 5, tags: int = 10) -> Path:
+    """A make_repo.py repository (made once per session and shape)."""
+    key = (files, commits, seed, branches, tags)
+    if key not in _repo_cache:
+        out = tmp_root / f"src-{files}-{commits}-{seed}.git"
+        subprocess.run([sys.executable, str(BENCH / "make_repo.py"), str(out), "--files", str(files),
+                        "--commits", str(commits), "--seed", str(seed), "--branches", str(branches),
+                        "--tags", str(tags)], check=True, capture_output=True)
+        _repo_cache[key] = out
+    return _repo_cache[key]
+
+
+@pytest.fixture(scope="session")
+def repo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("repos")
+
+
+def copy_repo(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
