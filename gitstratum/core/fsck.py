@@ -33,6 +33,7 @@ from gitstratum.core.refs import check_ref_format
 __all__ = [
     "FsckError",
     "check_object",
+    "check_tree",
     "gitmodules_blobs",
     "check_gitmodules",
     "MAX_GITMODULES_BYTES",
@@ -236,13 +237,13 @@ def _parse_tree(oid: bytes, raw: bytes) -> list[tuple[bytes, bytes, bytes]]:
     """Split a tree into (mode digits, name, binary id), strictly; badTree if it cannot."""
     entries: list[tuple[bytes, bytes, bytes]] = []
     pos = 0
-    while pos < len(raw):
-        match = _TREE_ENTRY.match(raw, pos)
-        if match is None:
-            _report(oid, "badTree", "cannot be parsed as a tree")
-            return entries
+    for match in _TREE_ENTRY.finditer(raw):
+        if match.start() != pos:  # finditer skipped bytes that are no entry
+            break
         entries.append((match[1], match[2], match[3]))
         pos = match.end()
+    if pos != len(raw):
+        _report(oid, "badTree", "cannot be parsed as a tree")
     return entries
 
 
@@ -336,42 +337,71 @@ def _verify_ordered(
     return 0 if c1 < c2 else _TREE_UNORDERED
 
 
-def _check_tree(oid: bytes, raw: bytes) -> None:
+# A name that cannot be ".", "..", empty, contain "/" or alias ".git" or
+# ".gitmodules" (see _may_alias_dotfile); nearly every real name is one.
+_PLAIN_NAME = re.compile(rb"[^.\x80-\xff/\\~][^\x80-\xff/\\~]*\Z")
+
+
+def check_tree(oid: ObjectID, raw: bytes) -> list[ObjectID]:
+    """Check a tree like ``check_object``; return what ``gitmodules_blobs`` would.
+
+    One parse serves both, because receive-pack needs both for every pushed tree.
+    """
+    return _check_tree(oid, raw)
+
+
+def _check_tree(oid: bytes, raw: bytes) -> list[ObjectID]:
     found: set[str] = set()
+    gitmodules: list[ObjectID] = []
     candidates: list[bytes] = []
-    previous: tuple[int, bytes] | None = None
+    modes = _MODE_CACHE
+    plain = _PLAIN_NAME.match
+    prev_mode = 0
+    prev_name: bytes | None = None
     for mode_digits, name, sha in _parse_tree(oid, raw):
-        mode = int(mode_digits, 8)
+        mode = modes.get(mode_digits)
+        if mode is None:
+            mode = int(mode_digits, 8)
+            if mode_digits.startswith(b"0"):
+                found.add("zeroPaddedFilemode")
+            if mode not in _GOOD_MODES:
+                found.add("badFilemode")
         if sha == _NULL_SHA:
             found.add("nullSha1")
-        if b"/" in name:
-            found.add("fullPathname")
-        if not name:
-            found.add("emptyName")
-        if name == b".":
-            found.add("hasDot")
-        if name == b"..":
-            found.add("hasDotdot")
-        if _is_dotgit(name):
-            found.add("hasDotgit")
-        if mode_digits.startswith(b"0"):
-            found.add("zeroPaddedFilemode")
+        if plain(name) is None:
+            if b"/" in name:
+                found.add("fullPathname")
+            if not name:
+                found.add("emptyName")
+            if name == b".":
+                found.add("hasDot")
+            if name == b"..":
+                found.add("hasDotdot")
+            if _is_dotgit(name):
+                found.add("hasDotgit")
+            if _is_dotgitmodules(name):
+                if _is_symlink(mode):
+                    _report(oid, "gitmodulesSymlink", ".gitmodules is a symbolic link")
+                else:
+                    gitmodules.append(from_bin(sha))
         if len(name) > MAX_TREE_ENTRY_LEN:
             found.add("largePathname")
-        if _is_dotgitmodules(name) and _is_symlink(mode):
-            _report(oid, "gitmodulesSymlink", ".gitmodules is a symbolic link")
-        if mode not in _GOOD_MODES:
-            found.add("badFilemode")
-        if previous is not None:
-            order = _verify_ordered(previous[0], previous[1], mode, name, candidates)
+        if prev_name is not None and not (prev_name < name and not name.startswith(prev_name)):
+            # Only a prefix relation needs git's full rule (files vs "dir/").
+            order = _verify_ordered(prev_mode, prev_name, mode, name, candidates)
             if order == _TREE_UNORDERED:
                 found.add("treeNotSorted")
             elif order == _TREE_HAS_DUPS:
                 found.add("duplicateEntries")
-        previous = (mode, name)
+        prev_mode, prev_name = mode, name
     for msg_id, message in _TREE_FINDINGS:
         if msg_id in found:
             _report(oid, msg_id, message)
+    return gitmodules
+
+
+# The canonical modes, parsed once; anything else takes the slow path above.
+_MODE_CACHE = {b"%o" % m: m for m in _GOOD_MODES}
 
 
 # In the order git reports them.

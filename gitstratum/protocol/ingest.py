@@ -17,7 +17,7 @@ from typing import BinaryIO
 import attrs
 from dulwich.pack import apply_delta
 
-from gitstratum.core.fsck import FsckError, check_gitmodules, check_object, gitmodules_blobs
+from gitstratum.core.fsck import FsckError, check_gitmodules, check_object, check_tree
 from gitstratum.core.indexer import BaseLookup, IndexedPack, PackError, PackIndexer
 from gitstratum.core.limits import Limits
 from gitstratum.core.objects import (
@@ -106,12 +106,13 @@ class _PackContents:
                 check_gitmodules(oid, raw)
                 self.gitmodules_checked.add(oid)
             return
+        if type == ObjectType.TREE:
+            self.gitmodules.update(check_tree(oid, raw))
+            self.trees[oid] = raw
+            return
         check_object(oid, type, raw)
         if type == ObjectType.COMMIT:
             self.commits[oid] = parse_commit(raw)
-        elif type == ObjectType.TREE:
-            self.trees[oid] = raw
-            self.gitmodules.update(gitmodules_blobs(raw))
         elif type == ObjectType.TAG:
             target, target_type, name = parse_tag(raw)
             self.tags[oid] = TagInfo(oid, target, target_type, name)
