@@ -74,6 +74,7 @@ def generate_pack(
     compression_level: int = 6,
     chunk_size: int = 1 << 20,
     batch: int = 512,
+    batch_bytes: int = 32 << 20,
     cache_bytes: int = 64 << 20,
 ) -> Iterator[bytes]:
     """Yield a pack holding exactly the objects *oids* (each once), in chunks.
@@ -81,8 +82,11 @@ def generate_pack(
     Small entries are gathered into chunks of about *chunk_size* bytes and
     larger ones pass through as they are.  Objects keep the order of *oids*
     except that a delta's base, when it is also being sent, goes first.
-    Raises MissingObject when an object (or a base needed to resolve one) is
-    not stored; the error may come after the first chunks were yielded.
+    Records are read at most *batch* at a time and, going by their stored
+    sizes, about *batch_bytes* at a time, so large objects are never all
+    held at once.  Raises MissingObject when an object (or a base needed to
+    resolve one) is not stored; the error may come after the first chunks
+    were yielded.
     """
     wanted = list(dict.fromkeys(oids))
     wanted_set = frozenset(wanted)
@@ -90,8 +94,8 @@ def generate_pack(
     cache = BodyCache(cache_bytes)
     out = _Chunker(chunk_size)
     yield from out.add([writer.header()])
-    for i in range(0, len(wanted), batch):
-        part = [o for o in wanted[i : i + batch] if writer.offset_of(o) is None]
+    for planned in _batches(store, wanted, batch, batch_bytes):
+        part = [o for o in planned if writer.offset_of(o) is None]
         records = store.get_many(part)
         # Bases sent later in this pack are pulled forward: fetch them (and
         # theirs) with the batch rather than one by one.
@@ -125,6 +129,28 @@ def generate_pack(
                 yield from out.add(chunks)
     yield from out.add([writer.trailer()])
     yield from out.flush()
+
+
+def _batches(
+    store: IObjectStore, wanted: Sequence[ObjectID], batch: int, batch_bytes: int
+) -> Iterator[list[ObjectID]]:
+    """Split *wanted* into runs of at most *batch* ids and about *batch_bytes* stored bytes."""
+    window = batch * 16
+    for i in range(0, len(wanted), window):
+        ids = wanted[i : i + window]
+        stats = store.stat_many(ids)
+        part: list[ObjectID] = []
+        held = 0
+        for oid in ids:
+            stat = stats.get(oid)
+            cost = stat.stored_bytes if stat is not None else 0  # missing: reported when read
+            if part and (len(part) >= batch or held + cost > batch_bytes):
+                yield part
+                part, held = [], 0
+            part.append(oid)
+            held += cost
+        if part:
+            yield part
 
 
 def _emit(
@@ -228,7 +254,11 @@ def _inflate(rec: PackReadyObject) -> bytes:
 
 
 class _Chunker:
-    """Coalesce small pieces into chunks of about ``size`` bytes; pass big ones through."""
+    """Coalesce small pieces into chunks of about ``size`` bytes; slice big ones.
+
+    Slicing keeps every write downstream (transport buffers, side-band
+    framing) near ``size`` however large one stored object is.
+    """
 
     def __init__(self, size: int):
         self.size = size
@@ -239,7 +269,9 @@ class _Chunker:
         for piece in pieces:
             if len(piece) >= self.size:
                 yield from self.flush()
-                yield piece
+                view = memoryview(piece)
+                for start in range(0, len(piece), self.size):
+                    yield bytes(view[start : start + self.size])
                 continue
             self._parts.append(piece)
             self._held += len(piece)

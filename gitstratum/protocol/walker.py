@@ -54,8 +54,8 @@ __all__ = [
     "enumerate_objects",
 ]
 
-# how many blob records one get_many reads when blob:limit needs sizes
-_SIZE_BATCH = 256
+# how many blob sizes one stat_many reads when blob:limit needs them
+_SIZE_BATCH = 4096
 # ref_rev_parse_rules: how deepen-not names a ref in short form
 _DWIM_RULES = (
     b"%s",
@@ -795,7 +795,7 @@ def _blobs_at_least(store: IObjectStore, blobs: Sequence[ObjectID], limit: int) 
     """The *blobs* whose size is *limit* or more (blob:limit keeps only smaller ones)."""
     big = set()
     for start in range(0, len(blobs), _SIZE_BATCH):
-        for oid, record in store.get_many(blobs[start : start + _SIZE_BATCH]).items():
-            if record.size >= limit:
+        for oid, stat in store.stat_many(blobs[start : start + _SIZE_BATCH]).items():
+            if stat.size >= limit:
                 big.add(oid)
     return big

@@ -27,6 +27,7 @@ __all__ = [
     "RefSnapshot",
     "RefUpdate",
     "IngestBatch",
+    "ObjectStat",
     "Permission",
     "User",
     "SSHKey",
@@ -71,7 +72,9 @@ class RefConflict(StorageError):
     """
 
     def __init__(self, refs: Sequence[bytes]):
-        super().__init__("stale old value for " + ", ".join(r.decode("utf-8", "replace") for r in refs))
+        super().__init__(
+            "stale old value for " + ", ".join(r.decode("utf-8", "replace") for r in refs)
+        )
         self.refs = tuple(refs)
 
 
@@ -137,6 +140,16 @@ class IngestBatch:
 
 
 @attrs.frozen
+class ObjectStat:
+    """What a stored record costs to send, read without copying its bytes."""
+
+    type: ObjectType
+    size: int  # the inflated object
+    stored_bytes: int  # the compressed payload as stored
+    delta_base: ObjectID | None = None
+
+
+@attrs.frozen
 class User:
     name: str
     is_admin: bool = False
@@ -164,6 +177,13 @@ class IObjectStore(Interface):
     def get_many(oids: Iterable[ObjectID]) -> dict[ObjectID, PackReadyObject]:
         """Return the records that exist among *oids* (missing ones are absent)."""
 
+    def stat_many(oids: Iterable[ObjectID]) -> dict[ObjectID, ObjectStat]:
+        """Type, sizes and delta base of the stored records among *oids*, without their bytes.
+
+        Pack assembly uses it to fetch records in batches bounded in bytes,
+        and ``blob:limit`` filtering to learn blob sizes.
+        """
+
     def put_many(objects: Iterable[PackReadyObject]) -> int:
         """Store records durably; an id already stored keeps its first record.
 
@@ -178,7 +198,9 @@ class IMetadataStore(Interface):
     """Repositories, refs, commit graph, trees, users, tokens, keys and permissions."""
 
     # -- repositories -------------------------------------------------------
-    def create_repository(name: str, public: bool = False, head: bytes = b"refs/heads/main") -> Repository:
+    def create_repository(
+        name: str, public: bool = False, head: bytes = b"refs/heads/main"
+    ) -> Repository:
         """Create a repository; raise RepositoryExists."""
 
     def get_repository(name: str) -> Repository | None:

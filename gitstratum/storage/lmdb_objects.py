@@ -8,7 +8,12 @@ without inflating anything.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import mmap
+import os
 import struct
+import threading
 from collections.abc import Iterable
 
 import attrs
@@ -18,7 +23,7 @@ from zope.interface import implementer
 from gitstratum.core.objects import ObjectType, PackReadyObject
 from gitstratum.core.oid import ObjectID, from_bin, to_bin
 from gitstratum.storage._lmdb import open_env
-from gitstratum.storage.interfaces import IObjectStore, StorageError
+from gitstratum.storage.interfaces import IObjectStore, ObjectStat, StorageError
 
 __all__ = ["LMDBObjectStore", "CorruptRecord", "encode_record", "decode_record"]
 
@@ -45,9 +50,10 @@ def encode_record(obj: PackReadyObject) -> bytes:
     )
 
 
-def decode_record(oid: ObjectID, value: bytes | memoryview) -> PackReadyObject:
-    """Rebuild the record stored under *oid* from its value (copying the bytes out)."""
-    view = memoryview(value)
+def _decode_header(
+    oid: ObjectID, view: memoryview
+) -> tuple[ObjectType, int, int, int, ObjectID | None, int]:
+    """(type, depth, size, data_size, base, payload offset) of a stored value."""
     if len(view) < _HEADER.size:
         raise CorruptRecord(f"object {oid.decode()}: record truncated")
     type_num, flags, depth, size, data_size = _HEADER.unpack_from(view)
@@ -62,6 +68,13 @@ def decode_record(oid: ObjectID, value: bytes | memoryview) -> PackReadyObject:
             raise CorruptRecord(f"object {oid.decode()}: record truncated")
         base = from_bin(bytes(view[offset : offset + 20]))
         offset += 20
+    return obj_type, depth, size, data_size, base, offset
+
+
+def decode_record(oid: ObjectID, value: bytes | memoryview) -> PackReadyObject:
+    """Rebuild the record stored under *oid* from its value (copying the bytes out)."""
+    view = memoryview(value)
+    obj_type, depth, size, data_size, base, offset = _decode_header(oid, view)
     return PackReadyObject(
         oid=oid,
         type=obj_type,
@@ -71,6 +84,54 @@ def decode_record(oid: ObjectID, value: bytes | memoryview) -> PackReadyObject:
         delta_base=base,
         depth=depth,
     )
+
+
+class _PageReleaser:
+    """Drops this process's mapping of LMDB pages after large reads.
+
+    LMDB reads through a shared read-only mmap of ``data.mdb``, and Linux
+    counts every page touched there in the process's RSS until the mapping
+    goes.  Streaming a multi-gigabyte pack would therefore look like a
+    multi-gigabyte process.  ``MADV_DONTNEED`` on a read-only file mapping
+    only drops page-table entries (the data stays in the page cache and the
+    next read faults it back in), so it is safe while other threads read.
+    py-lmdb does not expose the map address, so it is found in
+    /proc/self/maps; where any of this is unavailable it does nothing.
+    """
+
+    threshold = 64 << 20
+
+    def __init__(self, data_file: str):
+        self._data_file = os.path.realpath(data_file)
+        self._lock = threading.Lock()
+        self._pending = 0
+        self._madvise = None
+        libc_name = ctypes.util.find_library("c")
+        if libc_name and hasattr(mmap, "MADV_DONTNEED") and os.path.exists("/proc/self/maps"):
+            libc = ctypes.CDLL(libc_name, use_errno=True)
+            libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            self._madvise = libc.madvise
+
+    def read(self, nbytes: int) -> None:
+        """Count bytes read; past the threshold, release the mapping's pages."""
+        if self._madvise is None:
+            return
+        with self._lock:
+            self._pending += nbytes
+            if self._pending < self.threshold:
+                return
+            self._pending = 0
+        self.release()
+
+    def release(self) -> None:
+        if self._madvise is None:
+            return
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                if line.rstrip().endswith(self._data_file):
+                    span = line.split(None, 1)[0]
+                    start, end = (int(x, 16) for x in span.split("-"))
+                    self._madvise(start, end - start, mmap.MADV_DONTNEED)
 
 
 @implementer(IObjectStore)
@@ -86,10 +147,12 @@ class LMDBObjectStore:
     map_size: int = attrs.field(default=1 << 40, kw_only=True)
     _env: lmdb.Environment = attrs.field(init=False)
     _db: lmdb._Database = attrs.field(init=False)
+    _pages: _PageReleaser = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self._env = open_env(self.path, map_size=self.map_size, max_dbs=4)
         self._db = self._env.open_db(b"objects")
+        self._pages = _PageReleaser(os.path.join(self.path, "data.mdb"))
 
     def close(self) -> None:
         """Release the environment; the store is unusable afterwards."""
@@ -111,17 +174,35 @@ class LMDBObjectStore:
             value = txn.get(key)
             if value is None:
                 return None
-            return decode_record(from_bin(key), value)
+            record = decode_record(from_bin(key), value)
+        self._pages.read(len(record.compressed))
+        return record
 
     def get_many(self, oids: Iterable[ObjectID]) -> dict[ObjectID, PackReadyObject]:
         keys = sorted({to_bin(o) for o in oids})
         out: dict[ObjectID, PackReadyObject] = {}
+        nbytes = 0
         with self._env.begin(db=self._db, buffers=True) as txn:
             cursor = txn.cursor()
             for key in keys:
                 if cursor.set_key(key):
                     oid = from_bin(key)
-                    out[oid] = decode_record(oid, cursor.value())
+                    record = out[oid] = decode_record(oid, cursor.value())
+                    nbytes += len(record.compressed)
+        self._pages.read(nbytes)
+        return out
+
+    def stat_many(self, oids: Iterable[ObjectID]) -> dict[ObjectID, ObjectStat]:
+        keys = sorted({to_bin(o) for o in oids})
+        out: dict[ObjectID, ObjectStat] = {}
+        with self._env.begin(db=self._db, buffers=True) as txn:
+            cursor = txn.cursor()
+            for key in keys:
+                if cursor.set_key(key):
+                    oid = from_bin(key)
+                    view = cursor.value()
+                    obj_type, _, size, _, base, offset = _decode_header(oid, view)
+                    out[oid] = ObjectStat(obj_type, size, len(view) - offset, base)
         return out
 
     def put_many(self, objects: Iterable[PackReadyObject]) -> int:

@@ -31,6 +31,7 @@ from gitstratum.storage.interfaces import (
     IngestBatch,
     IObjectStore,
     KeyExists,
+    ObjectStat,
     Permission,
     RefConflict,
     RefUpdate,
@@ -147,6 +148,25 @@ class ObjectStoreConformance(_StoreHarness):
         got = self.object_store.get_many([delta.oid, base.oid])
         assert got == {delta.oid: delta, base.oid: base}
         assert got[delta.oid].delta_base == base.oid and got[delta.oid].depth == 4095
+
+    def test_stat_many_reports_sizes_without_bytes(self) -> None:
+        """stat_many gives each stored record's type, sizes and base, and skips missing ids."""
+        base = whole_object(b"base " * 50)
+        delta = PackReadyObject(
+            oid=fake_oid("delta"),
+            type=ObjectType.BLOB,
+            size=260,
+            data_size=11,
+            compressed=zlib.compress(b"\xfa\x01\x84\x01\x90\x05more"),
+            delta_base=base.oid,
+            depth=1,
+        )
+        self.object_store.put_many([base, delta])
+        stats = self.object_store.stat_many([base.oid, delta.oid, fake_oid("absent")])
+        assert stats == {
+            base.oid: ObjectStat(ObjectType.BLOB, 250, len(base.compressed), None),
+            delta.oid: ObjectStat(ObjectType.BLOB, 260, len(delta.compressed), base.oid),
+        }
 
     def test_every_type_round_trips(self) -> None:
         """Each of the four object types is stored and returned as itself."""

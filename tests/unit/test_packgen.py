@@ -29,7 +29,7 @@ from gitstratum.protocol.packgen import (
     generate_pack,
     resolve_object,
 )
-from gitstratum.storage.interfaces import IObjectStore
+from gitstratum.storage.interfaces import IObjectStore, ObjectStat
 from gitstratum.storage.lmdb_objects import LMDBObjectStore
 
 
@@ -105,6 +105,7 @@ class CountingStore:
     def __init__(self, inner: LMDBObjectStore):
         self.inner = inner
         self.get_many_sizes: list[int] = []
+        self.get_many_bytes: list[int] = []
         self.gets: list[ObjectID] = []
         self.requested: set[ObjectID] = set()
 
@@ -118,8 +119,13 @@ class CountingStore:
     def get_many(self, oids: Iterable[ObjectID]) -> dict[ObjectID, PackReadyObject]:
         oids = list(oids)
         self.get_many_sizes.append(len(oids))
+        records = self.inner.get_many(oids)
+        self.get_many_bytes.append(sum(len(r.compressed) for r in records.values()))
         self.requested.update(oids)
-        return self.inner.get_many(oids)
+        return records
+
+    def stat_many(self, oids: Iterable[ObjectID]) -> dict[ObjectID, ObjectStat]:
+        return self.inner.stat_many(oids)
 
     def put_many(self, objects: Iterable[PackReadyObject]) -> int:
         return self.inner.put_many(objects)
@@ -339,18 +345,18 @@ def test_any_subset_makes_a_valid_pack(repo, store, data):
 # -- chunking and batching -----------------------------------------------------------
 
 
-def test_chunks_coalesce_small_entries_and_pass_big_ones(repo, store):
-    """Small entries are gathered to chunk_size; an entry bigger than that is a chunk of its own."""
+def test_chunks_coalesce_small_entries_and_slice_big_ones(repo, store):
+    """Small entries are gathered to chunk_size; a bigger entry goes out in chunk_size slices."""
     oids = rev_objects(repo, "main")
     stored = store.get_many(oids)
     big = max(stored.values(), key=lambda r: len(r.compressed))
     assert len(big.compressed) > 10_000
     chunks = list(generate_pack(store, oids, ofs_delta=True, chunk_size=4096))
     assert b"".join(chunks) == pack_of(store, oids, chunk_size=1 << 30)
-    assert big.compressed in chunks
-    for chunk, following in zip(chunks, chunks[1:], strict=False):
-        # a short chunk only ever precedes an entry passed through on its own, or ends the pack
-        assert len(chunk) >= 4096 or len(following) >= 4096
+    first = chunks.index(big.compressed[:4096])
+    slices = len(big.compressed) // 4096 + 1
+    assert b"".join(chunks[first : first + slices]) == big.compressed
+    assert all(len(c) < 2 * 4096 for c in chunks)  # never one huge write downstream
     assert len(list(generate_pack(store, oids, ofs_delta=True))) <= 2
 
 
@@ -362,6 +368,17 @@ def test_records_are_read_in_batches(repo, store):
     assert max(counting.get_many_sizes) <= 16
     assert counting.requested == set(oids)
     assert counting.gets == []  # every base arrived with its batch or before
+
+
+def test_batches_are_bounded_in_bytes(repo, store):
+    """With batch_bytes small, no read holds more than one record beyond the bound."""
+    oids = rev_objects(repo, "main")
+    counting = CountingStore(store)
+    largest = max(len(r.compressed) for r in store.get_many(oids).values())
+    whole = pack_of(store, oids)
+    assert pack_of(counting, oids, batch_bytes=2048) == whole
+    assert max(counting.get_many_bytes) <= 2048 + largest
+    assert len(counting.get_many_sizes) > len(oids) // 16
 
 
 # -- failures ------------------------------------------------------------------------
