@@ -156,7 +156,7 @@ def big_repo(work: Path, gb: float) -> Path:
             f.write(os.urandom(blob_mb << 20))
     sh("git", "add", ".", cwd=tree)
     sh("git", "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-qm", "big blobs", cwd=tree)
-    sh("git", "push", "-q", "origin", "main", cwd=tree)
+    sh("git", "-c", "core.bigFileThreshold=16m", "push", "-q", "origin", "main", cwd=tree)
     shutil.rmtree(tree)
     return path
 
@@ -171,6 +171,7 @@ def main() -> int:
     ap.add_argument("--out")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="gs-bench-"))
+    work.chmod(0o755)  # nginx workers run unprivileged and must reach the baseline root
     results: dict = {"repo": {"files": a.files, "commits": a.commits}}
     src = work / "src.git"
     sh(sys.executable, str(BENCH / "make_repo.py"), str(src), "--files", str(a.files),
@@ -195,7 +196,8 @@ def main() -> int:
         if not a.skip_big:
             big = big_repo(work, a.big_gb)
             url = gs.new_repo("acme/big")
-            sh("git", "push", "-q", url, "main", cwd=big)
+            # random blobs never delta; without this the client spends minutes searching
+            sh("git", "-c", "core.bigFileThreshold=16m", "push", "-q", url, "main", cwd=big)
             peak, stop = [rss_of(gs.proc.pid)], threading.Event()
 
             def sample() -> None:

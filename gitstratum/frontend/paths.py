@@ -18,7 +18,9 @@ REPO_PART = re.compile(r"\A[A-Za-z0-9_][A-Za-z0-9._-]{0,99}\Z")
 
 _ENDPOINTS = (b"info/refs", b"git-upload-pack", b"git-receive-pack")
 # What a dumb-HTTP client asks for; answered with a clear 404.
-_DUMB = re.compile(rb"\A(HEAD|objects/.*|info/packs|info/alternates|info/http-alternates|info/refs)\Z")
+_DUMB = re.compile(
+    rb"\A(HEAD|objects/.*|info/packs|info/alternates|info/http-alternates|info/refs)\Z"
+)
 
 
 class BadPath(ValueError):

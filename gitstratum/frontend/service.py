@@ -65,4 +65,3 @@ def make_site(app: GitHTTP, *, limits: Limits, spool_dir: str) -> Site:
     )
     site.displayTracebacks = False
     return site
-

@@ -22,7 +22,12 @@ __all__ = ["Options", "makeService", "StandaloneService"]
 _LIMIT_OPTIONS = [
     ("max-pack-bytes", "max_pack_bytes", int, "Largest push body (commands plus pack) accepted."),
     ("max-object-bytes", "max_object_bytes", int, "Largest inflated object accepted in a push."),
-    ("max-inflated-bytes", "max_inflated_bytes", int, "Largest total inflated size of one pushed pack."),
+    (
+        "max-inflated-bytes",
+        "max_inflated_bytes",
+        int,
+        "Largest total inflated size of one pushed pack.",
+    ),
     ("max-delta-depth", "max_delta_depth", int, "Longest delta chain a push may create."),
     ("max-pack-objects", "max_pack_objects", int, "Most objects in one pushed pack."),
     ("max-request-bytes", "max_request_bytes", int, "Largest upload-pack request body (inflated)."),

@@ -27,13 +27,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def git(*args: str, cwd: str | Path | None = None, check: bool = True, env: dict | None = None,
-        input: bytes | None = None) -> subprocess.CompletedProcess:
+def git(
+    *args: str,
+    cwd: str | Path | None = None,
+    check: bool = True,
+    env: dict | None = None,
+    input: bytes | None = None,
+) -> subprocess.CompletedProcess:
     """Run the real git; on failure show its stderr in the assertion."""
-    proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, input=input,
-                          env={**os.environ, **(env or {})}, timeout=300)
+    proc = subprocess.run(
+        ["git", *args],
+        cwd=cwd,
+        capture_output=True,
+        input=input,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"git {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr.decode()}")
+        raise AssertionError(
+            f"git {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr.decode()}"
+        )
     return proc
 
 
@@ -67,10 +80,23 @@ class Server:
     def start(self, *extra: str) -> None:
         log = open(self.data_dir.parent / f"{self.data_dir.name}.log", "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "--pidfile=", "-n", "gitstratum-standalone",
-             "--data-dir", str(self.data_dir), "--http", f"tcp:{self.port}:interface=127.0.0.1",
-             *extra],
-            stdout=log, stderr=subprocess.STDOUT, cwd=self.data_dir.parent)
+            [
+                sys.executable,
+                "-c",
+                "from twisted.scripts.twistd import run; run()",
+                "--pidfile=",
+                "-n",
+                "gitstratum-standalone",
+                "--data-dir",
+                str(self.data_dir),
+                "--http",
+                f"tcp:{self.port}:interface=127.0.0.1",
+                *extra,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.data_dir.parent,
+        )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -89,8 +115,11 @@ class Server:
         self.proc = None
 
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None and \
-            self.request("GET", "/healthz")[0] == 200
+        return (
+            self.proc is not None
+            and self.proc.poll() is None
+            and self.request("GET", "/healthz")[0] == 200
+        )
 
     def log_text(self) -> str:
         p = self.data_dir.parent / f"{self.data_dir.name}.log"
@@ -100,8 +129,14 @@ class Server:
     def admin_token(self) -> str:
         return (self.data_dir / "admin-token").read_text().strip()
 
-    def request(self, method: str, path: str, body: bytes | None = None,
-                headers: dict | None = None, timeout: float = 60) -> tuple[int, dict, bytes]:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: dict | None = None,
+        timeout: float = 60,
+    ) -> tuple[int, dict, bytes]:
         """One raw HTTP request (path sent as given, never normalised)."""
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
         try:
@@ -119,19 +154,33 @@ class Server:
         finally:
             conn.close()
 
-    def api(self, method: str, path: str, payload: dict | None = None,
-            token: str | None = None) -> tuple[int, object]:
+    def api(
+        self, method: str, path: str, payload: dict | None = None, token: str | None = None
+    ) -> tuple[int, object]:
         body = json.dumps(payload).encode() if payload is not None else None
-        status, _, data = self.request(method, "/api/v1" + path, body, {
-            "Authorization": f"Bearer {token or self.admin_token}",
-            "Content-Type": "application/json"})
+        status, _, data = self.request(
+            method,
+            "/api/v1" + path,
+            body,
+            {
+                "Authorization": f"Bearer {token or self.admin_token}",
+                "Content-Type": "application/json",
+            },
+        )
         return status, (json.loads(data) if data else None)
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        proc = subprocess.run([sys.executable, "-c", "import sys; from gitstratum.cli import main; sys.exit(main())",
-                               *args], capture_output=True, timeout=60,
-                              env={**os.environ, "GITSTRATUM_URL": self.base,
-                                   "GITSTRATUM_TOKEN": self.admin_token})
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import sys; from gitstratum.cli import main; sys.exit(main())",
+                *args,
+            ],
+            capture_output=True,
+            timeout=60,
+            env={**os.environ, "GITSTRATUM_URL": self.base, "GITSTRATUM_TOKEN": self.admin_token},
+        )
         if check and proc.returncode != 0:
             raise AssertionError(f"gitstratum {' '.join(args)}: {proc.stderr.decode()}")
         return proc
@@ -168,15 +217,32 @@ def ci_token(server: Server) -> str:
 _repo_cache: dict[tuple, Path] = {}
 
 
-def bench_repo(tmp_root: Path, files: int, commits: int, seed: int = 1,
-               branches: int = 5, tags: int = 10) -> Path:
+def bench_repo(
+    tmp_root: Path, files: int, commits: int, seed: int = 1, branches: int = 5, tags: int = 10
+) -> Path:
     """A make_repo.py repository (made once per session and shape)."""
     key = (files, commits, seed, branches, tags)
     if key not in _repo_cache:
         out = tmp_root / f"src-{files}-{commits}-{seed}.git"
-        subprocess.run([sys.executable, str(BENCH / "make_repo.py"), str(out), "--files", str(files),
-                        "--commits", str(commits), "--seed", str(seed), "--branches", str(branches),
-                        "--tags", str(tags)], check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                str(BENCH / "make_repo.py"),
+                str(out),
+                "--files",
+                str(files),
+                "--commits",
+                str(commits),
+                "--seed",
+                str(seed),
+                "--branches",
+                str(branches),
+                "--tags",
+                str(tags),
+            ],
+            check=True,
+            capture_output=True,
+        )
         _repo_cache[key] = out
     return _repo_cache[key]
 

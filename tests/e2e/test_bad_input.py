@@ -88,7 +88,9 @@ def upload(server: Server, token: str, body: bytes, v2: bool = True) -> tuple[in
     return status, data
 
 
-def receive(server: Server, token: str, body: bytes, repo: str = "evil/target") -> tuple[int, bytes]:
+def receive(
+    server: Server, token: str, body: bytes, repo: str = "evil/target"
+) -> tuple[int, bytes]:
     headers = {**server.basic(token), "Content-Type": "application/x-git-receive-pack-request"}
     status, _, data = server.request("POST", f"/{repo}.git/git-receive-pack", body, headers)
     return status, data
@@ -103,14 +105,19 @@ def assert_git_error(status: int, data: bytes, *needles: bytes) -> None:
         assert needle in data, (needle, data[:300])
 
 
-@pytest.mark.parametrize("body,needle", [
-    (b"zzzz", b"bad line length character"),
-    (b"fff1" + b"x" * 100, b"bad line length"),
-    (pkt("command=ls-refs\n")[:-3], b"unexpected end"),
-    (b"0004" * 100000, b"ERR "),
-], ids=["non-hex", "too-long", "truncated", "endless-empty"])
-def test_malformed_pkt_lines(server: Server, ci_token: str, target: dict, body: bytes,
-                             needle: bytes) -> None:
+@pytest.mark.parametrize(
+    "body,needle",
+    [
+        (b"zzzz", b"bad line length character"),
+        (b"fff1" + b"x" * 100, b"bad line length"),
+        (pkt("command=ls-refs\n")[:-3], b"unexpected end"),
+        (b"0004" * 100000, b"ERR "),
+    ],
+    ids=["non-hex", "too-long", "truncated", "endless-empty"],
+)
+def test_malformed_pkt_lines(
+    server: Server, ci_token: str, target: dict, body: bytes, needle: bytes
+) -> None:
     """Non-hex lengths, oversize lengths, truncation and endless empty packets are refused clearly."""
     status, data = upload(server, ci_token, body)
     assert_git_error(status, data, needle)
@@ -126,14 +133,17 @@ def test_unknown_command(server: Server, ci_token: str, target: dict) -> None:
 
 def test_want_unknown_object(server: Server, ci_token: str, target: dict) -> None:
     """Wanting an object the server does not have is 'not our ref'."""
-    body = pkt("command=fetch\n") + b"0001" + pkt("want " + "1" * 40 + "\n") + pkt("done\n") + b"0000"
+    body = (
+        pkt("command=fetch\n") + b"0001" + pkt("want " + "1" * 40 + "\n") + pkt("done\n") + b"0000"
+    )
     status, data = upload(server, ci_token, body)
     assert_git_error(status, data, b"not our ref")
     unchanged(server, target)
 
 
-def test_want_object_of_another_repository(server: Server, ci_token: str, target: dict,
-                                           tmp_path: Path) -> None:
+def test_want_object_of_another_repository(
+    server: Server, ci_token: str, target: dict, tmp_path: Path
+) -> None:
     """A commit pushed only to another repository is never served from this one."""
     server.cli("repo", "create", "evil/other")
     server.cli("grant", "ci", "evil/other", "write")
@@ -146,7 +156,9 @@ def test_want_object_of_another_repository(server: Server, ci_token: str, target
     secret = git("rev-parse", "HEAD", cwd=work).stdout.strip().decode()
     for v2 in (True, False):
         if v2:
-            body = pkt("command=fetch\n") + b"0001" + pkt(f"want {secret}\n") + pkt("done\n") + b"0000"
+            body = (
+                pkt("command=fetch\n") + b"0001" + pkt(f"want {secret}\n") + pkt("done\n") + b"0000"
+            )
         else:
             body = pkt(f"want {secret} side-band-64k ofs-delta\n") + b"0000" + pkt("done\n")
         status, data = upload(server, ci_token, body, v2=v2)
@@ -159,7 +171,9 @@ def test_want_object_of_another_repository(server: Server, ci_token: str, target
     unchanged(server, target)
 
 
-def push_body(commands: list[tuple[str, str, str]], pack: bytes | None, caps: str = "report-status") -> bytes:
+def push_body(
+    commands: list[tuple[str, str, str]], pack: bytes | None, caps: str = "report-status"
+) -> bytes:
     lines = b""
     for i, (old, new, ref) in enumerate(commands):
         line = f"{old} {new} {ref}"
@@ -197,10 +211,20 @@ def test_delta_cycle_and_missing_base(server: Server, ci_token: str, target: dic
     unchanged(server, target)
 
 
-@pytest.mark.parametrize("ref", [
-    "refs/heads/a..b", "refs/heads/x.lock", "refs/heads/sp ace", "refs/heads/", "HEAD",
-    "refs/heads/a@{b", "refs/heads//x", "refs/heads/tilde~1", "refs/foo",
-])
+@pytest.mark.parametrize(
+    "ref",
+    [
+        "refs/heads/a..b",
+        "refs/heads/x.lock",
+        "refs/heads/sp ace",
+        "refs/heads/",
+        "HEAD",
+        "refs/heads/a@{b",
+        "refs/heads//x",
+        "refs/heads/tilde~1",
+        "refs/foo",
+    ],
+)
 def test_funny_ref_names(server: Server, ci_token: str, target: dict, ref: str) -> None:
     """Ref names git check-ref-format refuses are 'funny refname', sent raw to receive-pack."""
     status, data = receive(server, ci_token, push_body([(ZERO, target["main"], ref)], None))
@@ -223,8 +247,11 @@ def test_stale_old_value(server: Server, ci_token: str, target: dict) -> None:
 def test_atomic_push_with_one_bad_ref(server: Server, ci_token: str, target: dict) -> None:
     """With atomic, one bad ref refuses all: the good one reports 'atomic push failure'."""
     main = target["main"]
-    body = push_body([(ZERO, main, "refs/heads/fine"), (ZERO, main, "refs/heads/bad..name")], None,
-                     caps="report-status atomic")
+    body = push_body(
+        [(ZERO, main, "refs/heads/fine"), (ZERO, main, "refs/heads/bad..name")],
+        None,
+        caps="report-status atomic",
+    )
     status, data = receive(server, ci_token, body)
     assert status == 200
     assert b"ng refs/heads/fine atomic push failure" in data, data
@@ -232,27 +259,38 @@ def test_atomic_push_with_one_bad_ref(server: Server, ci_token: str, target: dic
     unchanged(server, target)
 
 
-def test_atomic_push_with_real_client(server: Server, ci_token: str, target: dict,
-                                      tmp_path: Path) -> None:
+def test_atomic_push_with_real_client(
+    server: Server, ci_token: str, target: dict, tmp_path: Path
+) -> None:
     """git push --atomic where the server refuses one ref (a file/directory clash) moves none."""
     work = tmp_path / "w"
     git("clone", "-q", target["url"], str(work))
     git("commit", "-q", "--allow-empty", "-m", "x", cwd=work)
-    out = git("push", "--atomic", target["url"], "HEAD:refs/heads/brand-new",
-              "HEAD:refs/heads/main/sub", cwd=work, check=False)
+    out = git(
+        "push",
+        "--atomic",
+        target["url"],
+        "HEAD:refs/heads/brand-new",
+        "HEAD:refs/heads/main/sub",
+        cwd=work,
+        check=False,
+    )
     assert out.returncode != 0
     assert b"atomic push failure" in out.stderr, out.stderr
     unchanged(server, target)
 
 
-@pytest.mark.parametrize("path", [
-    "/evil/../target.git/info/refs?service=git-upload-pack",
-    "/evil/%2e%2e/target.git/info/refs?service=git-upload-pack",
-    "/evil/%2E%2E/%2E%2E/etc/info/refs?service=git-upload-pack",
-    "//etc/passwd/info/refs?service=git-upload-pack",
-    "/evil/target%00.git/info/refs?service=git-upload-pack",
-    "/evil%2ftarget.git/info/refs?service=git-upload-pack",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/evil/../target.git/info/refs?service=git-upload-pack",
+        "/evil/%2e%2e/target.git/info/refs?service=git-upload-pack",
+        "/evil/%2E%2E/%2E%2E/etc/info/refs?service=git-upload-pack",
+        "//etc/passwd/info/refs?service=git-upload-pack",
+        "/evil/target%00.git/info/refs?service=git-upload-pack",
+        "/evil%2ftarget.git/info/refs?service=git-upload-pack",
+    ],
+)
 def test_repository_path_traversal(server: Server, ci_token: str, target: dict, path: str) -> None:
     """'..', encoded dots and slashes, absolute paths and NULs are a 4xx before any lookup."""
     status, _, body = server.request("GET", path, headers=server.basic(ci_token))
@@ -262,28 +300,41 @@ def test_repository_path_traversal(server: Server, ci_token: str, target: dict, 
 
 def test_dumb_http_is_a_clear_404(server: Server, ci_token: str, target: dict) -> None:
     """Dumb-HTTP paths answer 404 saying dumb HTTP is not supported."""
-    for path in ("/evil/target.git/info/refs", "/evil/target.git/HEAD",
-                 "/evil/target.git/objects/info/packs"):
+    for path in (
+        "/evil/target.git/info/refs",
+        "/evil/target.git/HEAD",
+        "/evil/target.git/objects/info/packs",
+    ):
         status, _, body = server.request("GET", path, headers=server.basic(ci_token))
         assert status == 404 and b"dumb" in body, (path, status, body)
 
 
-def test_wrong_token_and_missing_permission(server: Server, ci_token: str, target: dict,
-                                            tmp_path: Path) -> None:
+def test_wrong_token_and_missing_permission(
+    server: Server, ci_token: str, target: dict, tmp_path: Path
+) -> None:
     """A wrong token is 401 with a Basic challenge; a reader pushing gets 403; others see 404."""
     status, headers, _ = server.request(
-        "GET", "/evil/target.git/info/refs?service=git-upload-pack", headers=server.basic("gst_wrong"))
+        "GET",
+        "/evil/target.git/info/refs?service=git-upload-pack",
+        headers=server.basic("gst_wrong"),
+    )
     assert status == 401 and headers["www-authenticate"].startswith("Basic realm=")
     status, headers, _ = server.request("GET", "/evil/target.git/info/refs?service=git-upload-pack")
     assert status == 401 and "www-authenticate" in headers
     reader = server.user_with_token("reader")
     server.cli("grant", "reader", "evil/target", "read")
-    status, _, _ = server.request("GET", "/evil/target.git/info/refs?service=git-receive-pack",
-                                  headers=server.basic(reader, "reader"))
+    status, _, _ = server.request(
+        "GET",
+        "/evil/target.git/info/refs?service=git-receive-pack",
+        headers=server.basic(reader, "reader"),
+    )
     assert status == 403
     stranger = server.user_with_token("stranger")
-    status, _, _ = server.request("GET", "/evil/target.git/info/refs?service=git-upload-pack",
-                                  headers=server.basic(stranger, "stranger"))
+    status, _, _ = server.request(
+        "GET",
+        "/evil/target.git/info/refs?service=git-upload-pack",
+        headers=server.basic(stranger, "stranger"),
+    )
     assert status == 404
     # the real client: a reader's push fails and changes nothing
     work = tmp_path / "w"

@@ -38,8 +38,9 @@ def test_head_is_advertised_as_symref(pushed: tuple[str, Path]) -> None:
 
 
 @pytest.mark.parametrize("version", ["2", "0"])
-def test_full_clone_matches_and_passes_fsck(pushed: tuple[str, Path], tmp_path: Path,
-                                             version: str) -> None:
+def test_full_clone_matches_and_passes_fsck(
+    pushed: tuple[str, Path], tmp_path: Path, version: str
+) -> None:
     """A full mirror clone over protocol v2 and v0 has every ref and passes git fsck --strict."""
     url, src = pushed
     dst = tmp_path / "mirror.git"
@@ -86,12 +87,15 @@ def test_partial_clone_blob_none(pushed: tuple[str, Path], tmp_path: Path) -> No
     assert b"\n?" in b"\n" + missing  # blobs were left out
     git("checkout", "main", cwd=dst)  # lazily fetches the tip's blobs
     git("fsck", "--connectivity-only", cwd=dst)
-    assert git("rev-parse", "HEAD^{tree}", cwd=dst).stdout == \
-        git("rev-parse", "main^{tree}", cwd=src).stdout
+    assert (
+        git("rev-parse", "HEAD^{tree}", cwd=dst).stdout
+        == git("rev-parse", "main^{tree}", cwd=src).stdout
+    )
 
 
-def test_incremental_fetch_sha_fetch_and_branch_deletion(server: Server, ci_token: str,
-                                                          repo_root: Path, tmp_path: Path) -> None:
+def test_incremental_fetch_sha_fetch_and_branch_deletion(
+    server: Server, ci_token: str, repo_root: Path, tmp_path: Path
+) -> None:
     """A new push reaches an existing clone, a commit can be fetched by SHA, a branch can be deleted."""
     src = bench_repo(repo_root, files=80, commits=20, seed=7, branches=2, tags=2)
     server.cli("repo", "create", "acme/incr")
@@ -149,8 +153,9 @@ def test_restart_keeps_everything(tmp_path: Path, repo_root: Path) -> None:
         srv.stop()
 
 
-def test_public_repository_reads_anonymously(server: Server, ci_token: str, repo_root: Path,
-                                             tmp_path: Path) -> None:
+def test_public_repository_reads_anonymously(
+    server: Server, ci_token: str, repo_root: Path, tmp_path: Path
+) -> None:
     """A public repository clones without credentials; pushing anonymously asks for them."""
     server.cli("repo", "create", "acme/open", "--public")
     server.cli("grant", "ci", "acme/open", "write")
@@ -177,5 +182,3 @@ def test_metrics_and_healthz(server: Server, pushed: tuple[str, Path]) -> None:
     assert "gitstratum_pack_cache_misses_total" in text
     assert 'service="upload-pack"' in text and 'service="receive-pack"' in text
     assert server.request("GET", "/healthz")[0] == 200
-
-

@@ -7,34 +7,54 @@ from hypothesis import strategies as st
 from gitstratum.frontend.paths import BadPath, GitPath, parse_git_path, valid_repo_name
 
 
-@pytest.mark.parametrize("raw,expected", [
-    (b"/acme/app.git/info/refs", GitPath("acme/app", b"info/refs")),
-    (b"/acme/app/info/refs", GitPath("acme/app", b"info/refs")),
-    (b"/acme/app.git/git-upload-pack", GitPath("acme/app", b"git-upload-pack")),
-    (b"/acme/app.git/git-receive-pack", GitPath("acme/app", b"git-receive-pack")),
-    (b"/acme/my.repo.git/HEAD", GitPath("acme/my.repo", b"dumb")),
-    (b"/acme/app.git/objects/pack/pack-1.pack", GitPath("acme/app", b"dumb")),
-])
+@pytest.mark.parametrize(
+    "raw,expected",
+    [
+        (b"/acme/app.git/info/refs", GitPath("acme/app", b"info/refs")),
+        (b"/acme/app/info/refs", GitPath("acme/app", b"info/refs")),
+        (b"/acme/app.git/git-upload-pack", GitPath("acme/app", b"git-upload-pack")),
+        (b"/acme/app.git/git-receive-pack", GitPath("acme/app", b"git-receive-pack")),
+        (b"/acme/my.repo.git/HEAD", GitPath("acme/my.repo", b"dumb")),
+        (b"/acme/app.git/objects/pack/pack-1.pack", GitPath("acme/app", b"dumb")),
+    ],
+)
 def test_good_paths(raw: bytes, expected: GitPath) -> None:
     """OWNER/NAME with or without .git maps to the repository and its endpoint."""
     assert parse_git_path(raw) == expected
 
 
-@pytest.mark.parametrize("raw", [
-    b"/acme/../app.git/info/refs", b"/acme/%2e%2e/app.git/info/refs", b"/acme/%2E%2E/x/info/refs",
-    b"//etc/passwd/info/refs", b"/acme/app%00.git/info/refs", b"/acme%2fapp.git/info/refs",
-    b"/acme/./app.git/info/refs", b"/acme//app.git/info/refs", b"/acme/app\\x/info/refs",
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"/acme/../app.git/info/refs",
+        b"/acme/%2e%2e/app.git/info/refs",
+        b"/acme/%2E%2E/x/info/refs",
+        b"//etc/passwd/info/refs",
+        b"/acme/app%00.git/info/refs",
+        b"/acme%2fapp.git/info/refs",
+        b"/acme/./app.git/info/refs",
+        b"/acme//app.git/info/refs",
+        b"/acme/app\\x/info/refs",
+    ],
+)
 def test_traversal_is_refused(raw: bytes) -> None:
     """Dot segments (plain or encoded), encoded slashes, NULs and empty segments raise BadPath."""
     with pytest.raises(BadPath):
         parse_git_path(raw)
 
 
-@pytest.mark.parametrize("raw", [
-    b"/", b"/acme", b"/acme/app.git", b"/acme/app.git/info/other", b"/a/b/c/info/refs",
-    b"/acme/.git/info/refs", b"/-x/app/info/refs",
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"/",
+        b"/acme",
+        b"/acme/app.git",
+        b"/acme/app.git/info/other",
+        b"/a/b/c/info/refs",
+        b"/acme/.git/info/refs",
+        b"/-x/app/info/refs",
+    ],
+)
 def test_non_git_paths_are_none(raw: bytes) -> None:
     """Paths that are safe but name no Git endpoint give None (a 404)."""
     assert parse_git_path(raw) is None
