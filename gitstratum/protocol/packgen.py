@@ -95,40 +95,70 @@ def generate_pack(
     out = _Chunker(chunk_size)
     yield from out.add([writer.header()])
     for planned in _batches(store, wanted, batch, batch_bytes):
-        part = [o for o in planned if writer.offset_of(o) is None]
-        records = store.get_many(part)
-        # Bases sent later in this pack are pulled forward: fetch them (and
-        # theirs) with the batch rather than one by one.
-        fetched = records
-        while fetched:
-            ahead: set[ObjectID] = set()
-            for r in fetched.values():
-                base = r.delta_base
-                if base in wanted_set and base not in records and writer.offset_of(base) is None:
-                    ahead.add(base)
-            fetched = store.get_many(ahead) if ahead else {}
-            records.update(fetched)
-        for oid in part:
-            if writer.offset_of(oid) is not None:
-                continue  # pulled forward as a base
-            record = records.get(oid)
-            if record is None:
-                raise MissingObject(oid)
-            for chunks in _emit(
-                store,
-                writer,
-                record,
-                records,
-                wanted_set,
-                client_has,
-                ofs_delta,
-                thin_pack,
-                compression_level,
-                cache,
-            ):
-                yield from out.add(chunks)
+        # One generator per batch: its records die with its frame, before the
+        # next batch is read, so large objects of two batches never coexist.
+        yield from _send_batch(
+            store,
+            writer,
+            out,
+            planned,
+            wanted_set,
+            client_has,
+            ofs_delta,
+            thin_pack,
+            compression_level,
+            cache,
+        )
     yield from out.add([writer.trailer()])
     yield from out.flush()
+
+
+def _send_batch(
+    store: IObjectStore,
+    writer: PackWriter,
+    out: _Chunker,
+    planned: list[ObjectID],
+    wanted_set: frozenset[ObjectID],
+    client_has: Container[ObjectID],
+    ofs_delta: bool,
+    thin_pack: bool,
+    compression_level: int,
+    cache: BodyCache,
+) -> Iterator[bytes]:
+    part = [o for o in planned if writer.offset_of(o) is None]
+    records = store.get_many(part)
+    # Bases sent later in this pack are pulled forward: fetch them (and
+    # theirs) with the batch rather than one by one.
+    fetched = records
+    while fetched:
+        ahead: set[ObjectID] = set()
+        for r in fetched.values():
+            base = r.delta_base
+            if base in wanted_set and base not in records and writer.offset_of(base) is None:
+                ahead.add(base)
+        fetched = store.get_many(ahead) if ahead else {}
+        records.update(fetched)
+    for oid in part:
+        if writer.offset_of(oid) is not None:
+            continue  # pulled forward as a base
+        record = records.pop(oid, None)
+        if record is None:
+            raise MissingObject(oid)
+        for chunks in _emit(
+            store,
+            writer,
+            record,
+            records,
+            wanted_set,
+            client_has,
+            ofs_delta,
+            thin_pack,
+            compression_level,
+            cache,
+        ):
+            yield from out.add(chunks)
+        del record  # a sent object need not outlive its bytes
+        chunks = []
 
 
 def _batches(

@@ -29,6 +29,8 @@ __all__ = ["LMDBObjectStore", "CorruptRecord", "encode_record", "decode_record"]
 
 # type, flags, delta depth, object size, payload (data) size
 _HEADER = struct.Struct(">BBHQQ")
+# after the header (and base) in the headers table: the stored payload length
+_STORED = struct.Struct(">Q")
 _FLAG_DELTA = 0x01
 _MAX_DEPTH = 0xFFFF
 
@@ -99,7 +101,7 @@ class _PageReleaser:
     /proc/self/maps; where any of this is unavailable it does nothing.
     """
 
-    threshold = 64 << 20
+    threshold = 16 << 20
 
     def __init__(self, data_file: str):
         self._data_file = os.path.realpath(data_file)
@@ -147,11 +149,15 @@ class LMDBObjectStore:
     map_size: int = attrs.field(default=1 << 40, kw_only=True)
     _env: lmdb.Environment = attrs.field(init=False)
     _db: lmdb._Database = attrs.field(init=False)
+    _headers: lmdb._Database = attrs.field(init=False)
     _pages: _PageReleaser = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self._env = open_env(self.path, map_size=self.map_size, max_dbs=4)
         self._db = self._env.open_db(b"objects")
+        # Each record's header again, on its own: py-lmdb faults in a whole
+        # value when it is read, so stat_many reads these instead of records.
+        self._headers = self._env.open_db(b"headers")
         self._pages = _PageReleaser(os.path.join(self.path, "data.mdb"))
 
     def close(self) -> None:
@@ -195,14 +201,15 @@ class LMDBObjectStore:
     def stat_many(self, oids: Iterable[ObjectID]) -> dict[ObjectID, ObjectStat]:
         keys = sorted({to_bin(o) for o in oids})
         out: dict[ObjectID, ObjectStat] = {}
-        with self._env.begin(db=self._db, buffers=True) as txn:
+        with self._env.begin(db=self._headers, buffers=True) as txn:
             cursor = txn.cursor()
             for key in keys:
                 if cursor.set_key(key):
                     oid = from_bin(key)
                     view = cursor.value()
                     obj_type, _, size, _, base, offset = _decode_header(oid, view)
-                    out[oid] = ObjectStat(obj_type, size, len(view) - offset, base)
+                    (stored,) = _STORED.unpack_from(view, offset)
+                    out[oid] = ObjectStat(obj_type, size, stored, base)
         return out
 
     def put_many(self, objects: Iterable[PackReadyObject]) -> int:
@@ -212,7 +219,12 @@ class LMDBObjectStore:
         written = 0
         with self._env.begin(db=self._db, write=True) as txn:
             for obj in objects:
-                if txn.put(to_bin(obj.oid), encode_record(obj), overwrite=False):
+                key = to_bin(obj.oid)
+                record = encode_record(obj)
+                if txn.put(key, record, overwrite=False):
+                    header_len = len(record) - len(obj.compressed)
+                    stat = record[:header_len] + _STORED.pack(len(obj.compressed))
+                    txn.put(key, stat, db=self._headers)
                     written += 1
         return written
 
@@ -222,6 +234,7 @@ class LMDBObjectStore:
         with self._env.begin(db=self._db, write=True) as txn:
             for key in keys:
                 if txn.delete(key):
+                    txn.delete(key, db=self._headers)
                     deleted += 1
         return deleted
 
