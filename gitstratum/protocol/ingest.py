@@ -20,6 +20,7 @@ from dulwich.pack import apply_delta
 from gitstratum.core.fsck import FsckError, check_gitmodules, check_object, check_tree
 from gitstratum.core.indexer import BaseLookup, IndexedPack, PackError, PackIndexer
 from gitstratum.core.limits import Limits
+from gitstratum.core.memory import release_free_heap
 from gitstratum.core.objects import (
     COMMIT_MODE,
     TREE_MODE,
@@ -244,6 +245,22 @@ class PushProcessor:
         progress: Progress | None = None,
     ) -> ReportStatus:
         """Run the push and report on it; only a failing store raises.
+
+        Whatever happens, the heap the push used is given back afterwards.
+        """
+        try:
+            return self._process(repo, request, pack, progress)
+        finally:
+            release_free_heap()
+
+    def _process(
+        self,
+        repo: Repository,
+        request: PushRequest,
+        pack: BinaryIO | None,
+        progress: Progress | None = None,
+    ) -> ReportStatus:
+        """The push itself; see ``process``.
 
         *progress* gets human-readable lines for band 2 (the caller drops
         them when the client asked for ``quiet``).  Errors meant for the
