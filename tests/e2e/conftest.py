@@ -72,6 +72,9 @@ class Server:
     data_dir: Path
     port: int
     proc: subprocess.Popen | None = None
+    # -- issue 3 (h9): SSH and git:// listeners, on their own loopback ports --
+    ssh_port: int = attrs.field(factory=free_port)
+    git_port: int = attrs.field(factory=free_port)
 
     @property
     def base(self) -> str:
@@ -91,6 +94,11 @@ class Server:
                 str(self.data_dir),
                 "--http",
                 f"tcp:{self.port}:interface=127.0.0.1",
+                # issue 3 (h9)
+                "--ssh",
+                f"tcp:{self.ssh_port}:interface=127.0.0.1",
+                "--git",
+                f"tcp:{self.git_port}:interface=127.0.0.1",
                 *extra,
             ],
             stdout=log,
@@ -194,6 +202,13 @@ class Server:
     def url(self, repo: str, token: str | None = None, user: str = "ci") -> str:
         cred = f"{user}:{token}@" if token else ""
         return f"http://{cred}127.0.0.1:{self.port}/{repo}.git"
+
+    # -- issue 3 (h9) --
+    def ssh_url(self, repo: str) -> str:
+        return f"ssh://git@127.0.0.1:{self.ssh_port}/{repo}.git"
+
+    def git_url(self, repo: str) -> str:
+        return f"git://127.0.0.1:{self.git_port}/{repo}.git"
 
     def basic(self, token: str, user: str = "ci") -> dict:
         return {"Authorization": "Basic " + base64.b64encode(f"{user}:{token}".encode()).decode()}
