@@ -12,7 +12,8 @@ from twisted.python import usage
 
 from gitstratum.core.limits import Limits
 from gitstratum.frontend.auth import bootstrap_admin
-from gitstratum.frontend.service import build_git_http, make_site
+from gitstratum.frontend.service import build_frontend
+from gitstratum.frontend.ssh import host_key_fingerprints, load_or_create_host_keys
 from gitstratum.frontend.threads import thread_runner
 from gitstratum.storage.lmdb_metadata import LMDBMetadataStore
 from gitstratum.storage.lmdb_objects import LMDBObjectStore
@@ -43,6 +44,28 @@ class Options(usage.Options):
     optParameters: list[list[Any]] = [
         ["data-dir", "d", "gitstratum-data", "Directory for the stores, spool and admin token."],
         ["http", None, "tcp:8080", "Smart-HTTP endpoint (a Twisted strports description)."],
+        ["ssh", None, "tcp:2222", "Git-over-SSH endpoint; 'none' turns SSH off."],
+        [
+            "git",
+            None,
+            None,
+            "git:// (anonymous, read-only, public repositories) endpoint; off unless given.",
+        ],
+        ["ssh-login-timeout", None, 30.0, "Seconds an SSH client may take to log in.", float],
+        [
+            "ssh-max-auth-attempts",
+            None,
+            6,
+            "Failed SSH logins before the connection is dropped.",
+            int,
+        ],
+        [
+            "git-request-timeout",
+            None,
+            30.0,
+            "Seconds a git:// client may take to name its request.",
+            float,
+        ],
         ["compression-level", None, 6, "zlib level for objects that must be recompressed.", int],
         ["threads", None, 8, "Worker threads for storage, packing and hashing.", int],
     ]
@@ -62,6 +85,7 @@ class StandaloneService(MultiService):
         super().__init__()
         self.options = options
         self._reactor = reactor
+        self.frontend: Any = None
         self.metadata: LMDBMetadataStore | None = None
         self.objects: LMDBObjectStore | None = None
 
@@ -84,7 +108,8 @@ class StandaloneService(MultiService):
         reactor.suggestThreadPoolSize(self.options["threads"])
         run = thread_runner(reactor, reactor.getThreadPool())
         spool_dir = os.path.join(data_dir, "spool")
-        app = build_git_http(
+        os.makedirs(spool_dir, exist_ok=True)
+        frontend = build_frontend(
             self.metadata,
             self.objects,
             run=run,
@@ -92,11 +117,36 @@ class StandaloneService(MultiService):
             spool_dir=spool_dir,
             compression_level=self.options["compression-level"],
         )
-        self.http = app
-        site = make_site(app, limits=limits, spool_dir=spool_dir)
-        http = strports.service(self.options["http"], site, reactor=reactor)
+        self.frontend = frontend
+        http = strports.service(
+            self.options["http"], frontend.site(spool_dir=spool_dir), reactor=reactor
+        )
         http.setName("http")
         http.setServiceParent(self)
+        if self.options["ssh"] not in (None, "", "none"):
+            host_keys = load_or_create_host_keys(data_dir)
+            for kind, fingerprint in sorted(host_key_fingerprints(host_keys).items()):
+                self.log.info(
+                    "SSH host key {kind}: {fingerprint}",
+                    kind=kind.decode(),
+                    fingerprint=fingerprint,
+                )
+            factory = frontend.ssh_factory(
+                host_keys,
+                login_timeout=self.options["ssh-login-timeout"],
+                max_auth_attempts=self.options["ssh-max-auth-attempts"],
+                clock=reactor,
+            )
+            ssh = strports.service(self.options["ssh"], factory, reactor=reactor)
+            ssh.setName("ssh")
+            ssh.setServiceParent(self)
+        if self.options["git"]:
+            daemon = frontend.git_daemon_factory(
+                request_timeout=self.options["git-request-timeout"], clock=reactor
+            )
+            git = strports.service(self.options["git"], daemon, reactor=reactor)
+            git.setName("git")
+            git.setServiceParent(self)
         super().startService()
 
     def stopService(self) -> Any:
