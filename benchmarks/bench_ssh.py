@@ -140,8 +140,8 @@ def stream(server: Server, name: str, want: str, over_ssh: bool) -> dict:
         wall = time.perf_counter() - t0
         proc.wait()
     else:
-        import http.client
         import base64
+        import http.client
         c = http.client.HTTPConnection("127.0.0.1", server.port, timeout=600)
         cred = base64.b64encode(f"bench:{server.token}".encode()).decode()
         t0 = time.perf_counter()
