@@ -72,6 +72,8 @@ class _SpoolingRequest(server.Request):
         self._body_seen += len(data)
         if self._body_seen > self.max_body:
             self.body_too_large = True
+        if self.body_too_large:
+            # Also when Content-Length said so up front: the answer is 413 either way.
             return
         assert self.content is not None
         self.content.write(data)
@@ -87,19 +89,26 @@ def spooling_request_factory(max_body: int, spool_dir: str | None) -> type[serve
 def _read_body(content: IO[bytes], gzipped: bool, limit: int) -> bytes:
     """The whole (small) request body, gunzipped, refusing more than *limit* bytes."""
     content.seek(0)
-    raw = content.read(limit + 1)
     if not gzipped:
+        raw = content.read(limit + 1)
         if len(raw) > limit:
             raise BodyTooLarge(f"request body exceeds {limit} bytes")
         return raw
+    # The compressed body is read in pieces: its own size says nothing about
+    # the inflated size, and a stream that stops short is corrupt, not short.
     d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    out = bytearray()
     try:
-        out = d.decompress(raw, limit + 1)
+        while not d.eof:
+            chunk = d.unconsumed_tail or content.read(1 << 16)
+            if not chunk:
+                raise ValueError("bad gzip request body: truncated")
+            out += d.decompress(chunk, limit + 1 - len(out))
+            if len(out) > limit:
+                raise BodyTooLarge(f"inflated request body exceeds {limit} bytes")
     except zlib.error as e:
         raise ValueError(f"bad gzip request body: {e}") from None
-    if len(out) > limit or d.unconsumed_tail:
-        raise BodyTooLarge(f"inflated request body exceeds {limit} bytes")
-    return out
+    return bytes(out)
 
 
 def _gunzip_to_spool(content: IO[bytes], limit: int, spool_dir: str | None) -> IO[bytes]:
@@ -122,9 +131,14 @@ def _gunzip_to_spool(content: IO[bytes], limit: int, spool_dir: str | None) -> I
                 data = d.decompress(d.unconsumed_tail, 1 << 22)
             if not chunk:
                 break
+        if not d.eof:
+            raise ValueError("bad gzip request body: truncated")
     except zlib.error as e:
         out.close()
         raise ValueError(f"bad gzip request body: {e}") from None
+    except Exception:
+        out.close()
+        raise
     out.seek(0)
     return out
 
@@ -194,7 +208,9 @@ class GitHTTP:
             return self._plain(request, 404, "Not found")
         if path.endpoint == b"dumb":
             return self._plain(
-                request, 404, "the dumb HTTP protocol is not supported; use a git client with smart HTTP"
+                request,
+                404,
+                "the dumb HTTP protocol is not supported; use a git client with smart HTTP",
             )
         method = request.method
         if path.endpoint == b"info/refs":
@@ -265,7 +281,9 @@ class GitHTTP:
         service = (args.get(b"service") or [b""])[0]
         if not service:
             return self._plain(
-                request, 404, "the dumb HTTP protocol is not supported; use a git client with smart HTTP"
+                request,
+                404,
+                "the dumb HTTP protocol is not supported; use a git client with smart HTTP",
             )
         if service not in (b"git-upload-pack", b"git-receive-pack"):
             return self._plain(request, 403, "Unsupported service")
@@ -295,11 +313,13 @@ class GitHTTP:
     def _check_body(self, request: IRequest, ex: _Exchange, kind: bytes) -> bytes | None:
         content_type = request.getHeader(b"content-type") or b""
         if content_type != b"application/x-%s-request" % kind:
-            ex.status, ex.outcome = 415, "bad-request"
+            ex.status, ex.outcome = 415, "bad_request"
             self._finish(ex)
-            return self._plain(request, 415, f"Content-Type must be application/x-{kind.decode()}-request")
+            return self._plain(
+                request, 415, f"Content-Type must be application/x-{kind.decode()}-request"
+            )
         if getattr(request, "body_too_large", False):
-            ex.status, ex.outcome = 413, "too-large"
+            ex.status, ex.outcome = 413, "too_large"
             self._finish(ex)
             return self._plain(request, 413, "Request body too large")
         return None
@@ -320,11 +340,11 @@ class GitHTTP:
                 _read_body, request.content, self._is_gzip(request), self.limits.max_request_bytes
             )
         except BodyTooLarge as e:
-            ex.status, ex.outcome = 413, "too-large"
+            ex.status, ex.outcome = 413, "too_large"
             self._finish(ex)
             return self._plain(request, 413, str(e))
         except ValueError as e:
-            ex.status, ex.outcome = 400, "bad-request"
+            ex.status, ex.outcome = 400, "bad_request"
             self._finish(ex)
             return self._plain(request, 400, str(e))
         request.setHeader(b"Content-Type", b"application/x-git-upload-pack-result")
@@ -360,11 +380,11 @@ class GitHTTP:
                 )
             response = await self.run(self._push, repo, content)
         except BodyTooLarge as e:
-            ex.status, ex.outcome = 413, "too-large"
+            ex.status, ex.outcome = 413, "too_large"
             self._finish(ex)
             return self._plain(request, 413, str(e))
         except (receive_pack.ReceivePackError, PktLineError, ValueError) as e:
-            ex.status, ex.outcome = 400, "bad-request"
+            ex.status, ex.outcome = 400, "bad_request"
             self._finish(ex)
             request.setResponseCode(400)
             request.setHeader(b"Content-Type", b"application/x-git-receive-pack-result")
@@ -384,4 +404,3 @@ class GitHTTP:
         request, pack = receive_pack.read_request(cast(BinaryIO, content), self.limits)
         report = self.push.process(repo, request, pack)
         return receive_pack.encode_response(request, report), report.ok
-

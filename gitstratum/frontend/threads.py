@@ -61,7 +61,8 @@ class ThreadedIteratorProducer:
     thread at a time.  While the consumer is paused no pull is started.
     ``done`` fires with the number of bytes written, or fails with the
     iterator's exception; after ``stopProducing`` it fires with what was
-    written and the iterator is closed.
+    written and the iterator is closed in the runner (once any pull in
+    flight has returned, so the two never overlap).
     """
 
     consumer: IConsumer
@@ -72,6 +73,7 @@ class ThreadedIteratorProducer:
     _paused: bool = False
     _pulling: bool = False
     _finished: bool = False
+    _looping: bool = False
 
     _log = Logger()
 
@@ -81,15 +83,26 @@ class ThreadedIteratorProducer:
         return self.done
 
     def _pull(self) -> None:
-        if self._paused or self._pulling or self._finished:
+        # A runner may fire at once (inline_runner, a cached answer): loop here
+        # rather than recurse through _got, or a long stream exhausts the stack.
+        if self._looping:
             return
-        self._pulling = True
-        d = self.run(_next_chunk, self.iterator)
-        d.addCallbacks(self._got, self._failed)
+        self._looping = True
+        try:
+            while not (self._paused or self._pulling or self._finished):
+                self._pulling = True
+                d = self.run(_next_chunk, self.iterator)
+                d.addCallback(self._got)
+                # Also catches a failing write, which would otherwise leave done unfired.
+                d.addErrback(self._failed)
+        finally:
+            self._looping = False
 
     def _got(self, chunk: object) -> None:
         self._pulling = False
         if self._finished:
+            # stopProducing came while this pull ran; now nothing else touches the iterator.
+            self._close()
             return
         if chunk is _DONE:
             self._finish()
@@ -102,8 +115,10 @@ class ThreadedIteratorProducer:
     def _failed(self, failure: Failure) -> None:
         self._pulling = False
         if self._finished:
+            self._log.failure("pulling from the iterator failed after stopProducing", failure)
             return
         self._finished = True
+        self._close()
         self.consumer.unregisterProducer()
         self.done.errback(failure)
 
@@ -111,6 +126,14 @@ class ThreadedIteratorProducer:
         self._finished = True
         self.consumer.unregisterProducer()
         self.done.callback(self.written)
+
+    def _close(self) -> None:
+        """Close the iterator in the runner: a generator's cleanup may block too."""
+        close = getattr(self.iterator, "close", None)
+        if close is not None:
+            self.run(close).addErrback(
+                lambda f: self._log.failure("closing the iterator failed", f)
+            )
 
     def pauseProducing(self) -> None:
         self._paused = True
@@ -123,8 +146,7 @@ class ThreadedIteratorProducer:
         if self._finished:
             return
         self._finished = True
-        close = getattr(self.iterator, "close", None)
-        if close is not None and not self._pulling:
-            # Closing a generator runs its cleanup; it must not race a pull in the pool.
-            self.run(close)
+        if not self._pulling:
+            # Otherwise _got or _failed closes it, so close never races a pull in the pool.
+            self._close()
         self.done.callback(self.written)
