@@ -359,8 +359,12 @@ class GitHTTP:
             self.log.failure("upload-pack failed for {repo}", repo=path.repo)
             ex.outcome, ex.status, ex.nbytes = "error", 500, producer.written
             self._finish(ex)
-            cast(Any, request).loseConnection()
+            # Abort, not lose: a clean close after the last chunk would look
+            # to the client like a complete (if truncated) response.
+            cast(Any, request).channel.transport.abortConnection()
             return None
+        if producer.stopped:
+            ex.outcome = "disconnected"
         self._finish(ex)
         return None
 

@@ -73,6 +73,8 @@ class ThreadedIteratorProducer:
     _paused: bool = False
     _pulling: bool = False
     _finished: bool = False
+    #: True when the consumer stopped the stream (a client that went away)
+    stopped: bool = False
     _looping: bool = False
 
     _log = Logger()
@@ -146,6 +148,7 @@ class ThreadedIteratorProducer:
         if self._finished:
             return
         self._finished = True
+        self.stopped = True
         if not self._pulling:
             # Otherwise _got or _failed closes it, so close never races a pull in the pool.
             self._close()

@@ -298,6 +298,19 @@ def test_stop_while_idle_closes_the_generator_in_the_runner() -> None:
     assert consumer.value() == b"a"
 
 
+def test_stopped_tells_a_consumer_stop_from_a_finished_stream() -> None:
+    """``stopped`` is False after the iterator ends and True after the consumer stopped it."""
+    consumer = StringTransport()
+    finished = ThreadedIteratorProducer(consumer, iter([b"a"]), inline_runner)
+    finished.start()
+    assert not finished.stopped
+    runner = ManualRunner()
+    cut = ThreadedIteratorProducer(StringTransport(), Source([b"a", b"b"]).generate(), runner)
+    cut.start()
+    cut.stopProducing()
+    assert cut.stopped
+
+
 def test_stop_during_a_pull_closes_only_after_the_pull_returns() -> None:
     """Close never races a pull: it is queued once the pull in flight returns, whose chunk is dropped."""
     consumer = StringTransport()
