@@ -61,6 +61,8 @@ __all__ = [
     "ref_advertisement",
     "ls_refs_response",
     "negotiate_v0",
+    "V0Negotiation",
+    "parse_have_round",
     "process_haves",
     "v0_shallow_section",
     "v2_acknowledgments",
@@ -444,10 +446,16 @@ def parse_v0_request(data: bytes, limits: Limits) -> FetchRequest:
     # After the wants: nothing (the stateless shallow-list round), or haves ending in flush or done.
     if reader.peek() is None:
         return args.build(awaiting_haves=True, **extra)
+    extra["done"] = _read_haves(reader, args)
+    return args.build(**extra)
+
+
+def _read_haves(reader: _Reader, args: _FetchArgs) -> bool:
+    """Read have lines up to a flush (False) or ``done`` (True), as git's get_common_commits."""
     while True:
         event = reader.next()
         if event is Special.FLUSH:
-            break
+            return False
         if not isinstance(event, Packet):
             raise UploadPackError(
                 "git upload-pack: protocol error, expected a flush or done after the haves"
@@ -458,11 +466,21 @@ def parse_v0_request(data: bytes, limits: Limits) -> FetchRequest:
         if line.startswith(b"have "):
             args.have(line[5:])
         elif line == b"done":
-            extra["done"] = True
-            break
+            return True
         else:
             raise UploadPackError(f"git upload-pack: expected SHA1 list, got '{_show(line)}'")
-    return args.build(**extra)
+
+
+def parse_have_round(data: bytes, limits: Limits) -> tuple[tuple[ObjectID, ...], bool]:
+    """One round of a stateful v0 negotiation: have lines ending in a flush or in ``done``.
+
+    Returns the haves, in the client's order, and whether the round ended in
+    ``done``.  Over ssh:// and git:// a connection sends many such rounds
+    after one want section; ``V0Negotiation`` answers them.
+    """
+    args = _FetchArgs(limits)
+    done = _read_haves(_Reader(data, limits), args)
+    return tuple(args.haves), done
 
 
 _V2_FETCH_FLAGS = {
@@ -683,52 +701,79 @@ class HaveOracle(Protocol):
         ...
 
 
+@attrs.define
+class V0Negotiation:
+    """git's get_common_commits, one round at a time, for one connection.
+
+    A round is the haves up to a flush or ``done``.  Over a stateful stream
+    (ssh://, git://) the rounds of a connection share what was learnt: the
+    oracle's haves and the last common commit, which the final ``ACK`` names.
+    A stateless request is a single round of a fresh negotiation.
+    """
+
+    multi_ack: MultiAck = MultiAck.NONE
+    no_done: bool = False
+    _last: bytes = attrs.field(default=b"", init=False)
+
+    def round(
+        self, haves: Iterable[ObjectID], done: bool, oracle: HaveOracle
+    ) -> tuple[bytes, bool]:
+        """The ACK/NAK packets for one round, and whether the pack follows them.
+
+        A round ending in a flush gets its ACKs and NAK and no pack, unless
+        no-done was negotiated and we sent "ready"; a round ending in
+        ``done`` gets the pack.
+        """
+        out: list[bytes] = []
+        detailed = self.multi_ack is MultiAck.DETAILED
+        multi_ack = self.multi_ack is not MultiAck.NONE
+        got_common = got_other = sent_ready = False
+        for have in haves:
+            if oracle.got_oid(have) < 0:
+                got_other = True
+                if multi_ack and oracle.ok_to_give_up():
+                    if detailed:
+                        sent_ready = True
+                        out.append(b"ACK %s ready\n" % have)
+                    else:
+                        out.append(b"ACK %s continue\n" % have)
+                continue
+            got_common = True
+            self._last = have
+            if detailed:
+                out.append(b"ACK %s common\n" % have)
+            elif multi_ack:
+                out.append(b"ACK %s continue\n" % have)
+            elif oracle.have_count == 1:
+                out.append(b"ACK %s\n" % have)
+        last = self._last
+        if done:
+            if oracle.have_count > 0:
+                if multi_ack:
+                    out.append(b"ACK %s\n" % last)
+            else:
+                out.append(b"NAK\n")
+            return pkt_lines(*out), True
+        if detailed and got_common and not got_other and oracle.ok_to_give_up():
+            sent_ready = True
+            out.append(b"ACK %s ready\n" % last)
+        if oracle.have_count == 0 or multi_ack:
+            out.append(b"NAK\n")
+        if self.no_done and sent_ready:
+            out.append(b"ACK %s\n" % last)
+            return pkt_lines(*out), True
+        return pkt_lines(*out), False
+
+
 def negotiate_v0(request: FetchRequest, oracle: HaveOracle) -> tuple[bytes, bool]:
     """Answer a stateless v0 have round the way git's get_common_commits does.
 
-    Returns the ACK/NAK packets and whether the pack follows.  A round that
-    ends in a flush gets its ACKs and NAK and no pack, unless no-done was
-    negotiated and we sent "ready"; a round ending in "done" gets the pack.
+    Returns the ACK/NAK packets and whether the pack follows (see
+    ``V0Negotiation.round``; a stateless request is one round of its own).
     """
-    out: list[bytes] = []
-    detailed = request.multi_ack is MultiAck.DETAILED
-    multi_ack = request.multi_ack is not MultiAck.NONE
-    got_common = got_other = sent_ready = False
-    last = b""
-    for have in request.haves:
-        if oracle.got_oid(have) < 0:
-            got_other = True
-            if multi_ack and oracle.ok_to_give_up():
-                if detailed:
-                    sent_ready = True
-                    out.append(b"ACK %s ready\n" % have)
-                else:
-                    out.append(b"ACK %s continue\n" % have)
-            continue
-        got_common = True
-        last = have
-        if detailed:
-            out.append(b"ACK %s common\n" % have)
-        elif multi_ack:
-            out.append(b"ACK %s continue\n" % have)
-        elif oracle.have_count == 1:
-            out.append(b"ACK %s\n" % have)
-    if request.done:
-        if oracle.have_count > 0:
-            if multi_ack:
-                out.append(b"ACK %s\n" % last)
-        else:
-            out.append(b"NAK\n")
-        return pkt_lines(*out), True
-    if detailed and got_common and not got_other and oracle.ok_to_give_up():
-        sent_ready = True
-        out.append(b"ACK %s ready\n" % last)
-    if oracle.have_count == 0 or multi_ack:
-        out.append(b"NAK\n")
-    if request.no_done and sent_ready:
-        out.append(b"ACK %s\n" % last)
-        return pkt_lines(*out), True
-    return pkt_lines(*out), False
+    return V0Negotiation(request.multi_ack, request.no_done).round(
+        request.haves, request.done, oracle
+    )
 
 
 def process_haves(haves: Iterable[ObjectID], oracle: HaveOracle) -> list[ObjectID]:
