@@ -31,6 +31,9 @@ class Limits:
     max_empty_packets: int = 256
     #: commands in one push
     max_push_commands: int = 10_000
+    #: bytes in one pushed ref name (git has no limit; the metadata store's
+    #: keys allow at most 503)
+    max_ref_bytes: int = 500
     #: "have" lines in one negotiation request
     max_haves: int = 100_000
     #: "want" lines in one request

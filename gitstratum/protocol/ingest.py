@@ -39,7 +39,6 @@ from gitstratum.storage.interfaces import (
     IMetadataStore,
     IngestBatch,
     IObjectStore,
-    RefConflict,
     RefUpdate,
     Repository,
 )
@@ -154,14 +153,21 @@ class _Connectivity:
     shallow: frozenset[ObjectID]
     complete: set[ObjectID] = attrs.field(factory=set)
     members: dict[ObjectID, ObjectType | None] = attrs.field(factory=dict)
+    #: for each pack object a walk completed, the walk (command index) that did
+    owner: dict[ObjectID, int] = attrs.field(factory=dict)
+    #: per command index: the pack objects its walk completed, and the earlier
+    #: walks whose objects it reached (its closure is the union of both)
+    reached: dict[int, set[ObjectID]] = attrs.field(factory=dict)
+    leans_on: dict[int, set[int]] = attrs.field(factory=dict)
 
     def type_of(self, oid: ObjectID) -> ObjectType | None:
         found = self.pack_types.get(oid)
         return found if found is not None else self.members.get(oid)
 
-    def check(self, new: ObjectID) -> str | None:
-        """None when *new* is connected, else the ``ng`` reason."""
+    def check(self, new: ObjectID, index: int = 0) -> str | None:
+        """None when *new* (the value of command *index*) is connected, else the ``ng`` reason."""
         visited: set[ObjectID] = set()
+        leans_on: set[int] = set()
         # (oid, the type its referrer says it has or None, reached from a client-shallow commit)
         stack: list[tuple[ObjectID, ObjectType | None, bool]] = [(new, None, False)]
         outside: dict[ObjectID, tuple[ObjectType | None, bool]] = {}
@@ -171,7 +177,9 @@ class _Connectivity:
                 if oid in self.pack_types:
                     if expected is not None and self.pack_types[oid] != expected:
                         return MISSING_OBJECTS
-                    if oid not in visited and oid not in self.complete:
+                    if oid in self.complete:
+                        leans_on.add(self.owner[oid])
+                    elif oid not in visited:
                         visited.add(oid)
                         stack.extend(self._children(oid))
                 elif oid not in visited:
@@ -186,7 +194,23 @@ class _Connectivity:
                 visited.update(outside)
                 outside.clear()
         self.complete |= visited
+        ours = visited & self.pack_types.keys()
+        for oid in ours:
+            self.owner[oid] = index
+        self.reached[index] = ours
+        self.leans_on[index] = leans_on
         return None
+
+    def closure(self, index: int) -> list[int]:
+        """The walks whose objects command *index* reaches: itself and what it leans on, transitively."""
+        seen = {index}
+        stack = [index]
+        while stack:
+            for other in self.leans_on.get(stack.pop(), ()):
+                if other not in seen:
+                    seen.add(other)
+                    stack.append(other)
+        return sorted(seen)
 
     def _check_members(self, outside: dict[ObjectID, tuple[ObjectType | None, bool]]) -> str | None:
         unknown = [o for o in outside if o not in self.members]
@@ -236,6 +260,9 @@ class PushProcessor:
     limits: Limits = attrs.field(factory=Limits)
     #: bytes of pack-ready records handed to the object store per put_many
     batch_bytes: int = 8 << 20
+    #: told, from the push's worker thread, of the ref updates that took effect
+    #: (pre-warm listens here); it must hand any real work elsewhere and return
+    on_refs_updated: Callable[[Repository, tuple[RefUpdate, ...]], None] | None = None
 
     def process(
         self,
@@ -298,7 +325,7 @@ class PushProcessor:
         for i, command in enumerate(commands):
             if i in errors or command.is_delete:
                 continue
-            reason = walker.check(command.new)
+            reason = walker.check(command.new, i)
             if reason is None and command.ref.startswith(b"refs/heads/"):
                 if walker.type_of(command.new) != ObjectType.COMMIT:
                     messages.append(
@@ -319,10 +346,13 @@ class PushProcessor:
         if indexed is not None:
             for batch in indexed.iter_pack_ready(self.batch_bytes):
                 self.objects.put_many(batch)
-            self.metadata.ingest(repo, self._batch(repo, walker, contents))
 
-        self._update_refs(repo, request, errors)
+        self._apply(repo, request, errors, walker, contents)
         self._default_head(repo, commands, errors)
+        if self.on_refs_updated is not None:
+            applied = tuple(_ref_update(c) for i, c in enumerate(commands) if i not in errors)
+            if applied:
+                self.on_refs_updated(repo, applied)
         return self._report(commands, errors, messages)
 
     # -- steps --------------------------------------------------------------
@@ -342,6 +372,11 @@ class PushProcessor:
                     f"error: refusing to update funny ref '{_shown(command.ref)}' remotely"
                 )
                 reason = FUNNY_REFNAME
+            elif len(command.ref) > self.limits.max_ref_bytes:
+                messages.append(
+                    f"error: refusing to create ref longer than {self.limits.max_ref_bytes} bytes"
+                )
+                reason = "refname too long"
             elif counts[command.ref] > 1:
                 reason = f"multiple updates for ref '{_shown(command.ref)}' not allowed"
             reasons.append(reason)
@@ -399,22 +434,27 @@ class PushProcessor:
         contents.check_gitmodules_left(indexed, thin_base)
         return indexed
 
-    def _batch(
+    def _batches(
         self, repo: Repository, walker: _Connectivity, contents: _PackContents
-    ) -> IngestBatch:
-        """Membership and graph records for the pack objects that successful walks reached.
+    ) -> dict[int, IngestBatch]:
+        """Per successful walk, the membership and graph records of the pack objects it completed.
 
-        A pack object no accepted ref reaches is stored but never made a
-        member: membership promises a complete closure, and nothing checked it.
+        A pack object no walk reached is stored but never made a member:
+        membership promises a complete closure, and nothing checked it.
         """
-        new = walker.complete & walker.pack_types.keys()
-        commits = [o for o in new if o in contents.commits]
-        return IngestBatch(
-            objects=[(o, walker.pack_types[o]) for o in sorted(new)],
-            commits=self._commit_infos(repo, commits, contents),
-            trees=[(o, contents.trees[o]) for o in sorted(new) if o in contents.trees],
-            tags=[contents.tags[o] for o in sorted(new) if o in contents.tags],
-        )
+        new = set().union(*walker.reached.values()) if walker.reached else set()
+        commits = self._commit_infos(repo, [o for o in new if o in contents.commits], contents)
+        by_oid = {c.oid: c for c in commits}
+        batches = {}
+        for index, reached in walker.reached.items():
+            ordered = sorted(reached)
+            batches[index] = IngestBatch(
+                objects=[(o, walker.pack_types[o]) for o in ordered],
+                commits=[by_oid[o] for o in ordered if o in by_oid],
+                trees=[(o, contents.trees[o]) for o in ordered if o in contents.trees],
+                tags=[contents.tags[o] for o in ordered if o in contents.tags],
+            )
+        return batches
 
     def _commit_infos(
         self, repo: Repository, oids: list[ObjectID], contents: _PackContents
@@ -445,24 +485,43 @@ class PushProcessor:
             infos.append(CommitInfo(oid, tree, parents, generation[oid], commit_time))
         return infos
 
-    def _update_refs(self, repo: Repository, request: PushRequest, errors: dict[int, str]) -> None:
+    def _apply(
+        self,
+        repo: Repository,
+        request: PushRequest,
+        errors: dict[int, str],
+        walker: _Connectivity,
+        contents: _PackContents,
+    ) -> None:
+        """Compare-and-swap the refs, recording with each the objects it makes reachable.
+
+        One store transaction: an update that loses its compare-and-swap takes
+        none of its objects with it, so a refused push leaves nothing
+        fetchable behind.
+        """
         commands = request.commands
         todo = [i for i in range(len(commands)) if i not in errors]
-        if request.atomic:
-            try:
-                self.metadata.update_refs(repo, [_ref_update(commands[i]) for i in todo])
-            except RefConflict as e:
-                stale = set(e.refs)
-                for i in todo:
-                    if commands[i].ref in stale:
-                        errors[i] = _stale_reason(commands[i])
-                errors.update(self._atomic_failure(commands, errors))
-            return
+        batches = self._batches(repo, walker, contents)
+        order = sorted(batches)
+        position = {index: n for n, index in enumerate(order)}
+        needs = [
+            []
+            if commands[i].is_delete
+            else [position[w] for w in walker.closure(i) if w in position]
+            for i in todo
+        ]
+        stale = self.metadata.apply_push(
+            repo,
+            [_ref_update(commands[i]) for i in todo],
+            [batches[index] for index in order],
+            needs,
+            request.atomic,
+        )
         for i in todo:
-            try:
-                self.metadata.update_refs(repo, [_ref_update(commands[i])])
-            except RefConflict:
+            if commands[i].ref in stale:
                 errors[i] = _stale_reason(commands[i])
+        if request.atomic and stale:
+            errors.update(self._atomic_failure(commands, errors))
 
     def _default_head(
         self, repo: Repository, commands: tuple[Command, ...], errors: dict[int, str]

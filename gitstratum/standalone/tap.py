@@ -34,6 +34,7 @@ _LIMIT_OPTIONS = [
     ("max-request-bytes", "max_request_bytes", int, "Largest upload-pack request body (inflated)."),
     ("max-empty-packets", "max_empty_packets", int, "Consecutive empty pkt-lines before refusing."),
     ("max-push-commands", "max_push_commands", int, "Most ref updates in one push."),
+    ("max-ref-bytes", "max_ref_bytes", int, "Longest ref name a push may create."),
     ("max-haves", "max_haves", int, "Most 'have' lines in one negotiation request."),
     ("max-wants", "max_wants", int, "Most 'want' lines in one request."),
     ("idle-timeout", "idle_timeout", float, "Seconds before an idle HTTP connection is dropped."),

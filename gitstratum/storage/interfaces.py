@@ -226,6 +226,24 @@ class IMetadataStore(Interface):
         its ``old``.  Returns the snapshot after the update.
         """
 
+    def apply_push(
+        repo: Repository,
+        updates: Sequence[RefUpdate],
+        batches: Sequence[IngestBatch],
+        needs: Sequence[Sequence[int]],
+        atomic: bool,
+    ) -> set[bytes]:
+        """Apply a push's ref updates, and the records they make reachable, in one transaction.
+
+        ``needs[i]`` lists the indexes of the *batches* that update *i* makes
+        reachable.  Each update whose old value matches is applied together
+        with the batches it needs; a batch no applied update needs is never
+        recorded, so objects of a refused update never become members.  With
+        *atomic*, one stale update refuses them all.  Returns the names of
+        the refused (stale) updates; the version is bumped once if anything
+        changed.
+        """
+
     def set_head(repo: Repository, target: bytes) -> None:
         """Point HEAD at *target* (a full ref name; it may be unborn)."""
 

@@ -312,20 +312,67 @@ class LMDBMetadataStore:
     # -- graph, trees, tags, membership -------------------------------------
 
     def ingest(self, repo: Repository, batch: IngestBatch) -> None:
+        with self._write() as txn:
+            self._state(txn, repo)
+            self._ingest(txn, repo, batch)
+
+    def _ingest(self, txn: lmdb.Transaction, repo: Repository, batch: IngestBatch) -> None:
         prefix = _ID.pack(repo.id)
         members = sorted((prefix + to_bin(o), bytes((int(t),))) for o, t in batch.objects)
         commits = sorted((prefix + to_bin(c.oid), _encode_commit(c)) for c in batch.commits)
         tags = sorted((prefix + to_bin(t.oid), _encode_tag(t)) for t in batch.tags)
         tree_keys = sorted({prefix + to_bin(o): body for o, body in batch.trees}.items())
+        for db_name, items in ((b"members", members), (b"commits", commits), (b"tags", tags)):
+            txn.cursor(self._db(db_name)).putmulti(items, overwrite=False)
+        trees = txn.cursor(self._db(b"trees"))
+        for key, body in tree_keys:
+            # Compress only what is new: a re-pushed tree costs one lookup.
+            if not trees.set_key(key):
+                trees.put(key, snappy.compress(body), overwrite=False)
+
+    def apply_push(
+        self,
+        repo: Repository,
+        updates: Sequence[RefUpdate],
+        batches: Sequence[IngestBatch],
+        needs: Sequence[Sequence[int]],
+        atomic: bool,
+    ) -> set[bytes]:
+        if len(needs) != len(updates):
+            raise ValueError("apply_push needs one list of batch indexes per update")
+        names = [u.name for u in updates]
+        if len(set(names)) != len(names):
+            raise ValueError("duplicate ref update in one push")
+        prefix = _ID.pack(repo.id)
+        for name in names:
+            if not name or len(prefix) + len(name) > MAX_KEY_SIZE:
+                raise ValueError(f"invalid ref name {name[:80]!r}")
+        refs_db = self._db(b"refs")
         with self._write() as txn:
-            self._state(txn, repo)
-            for db_name, items in ((b"members", members), (b"commits", commits), (b"tags", tags)):
-                txn.cursor(self._db(db_name)).putmulti(items, overwrite=False)
-            trees = txn.cursor(self._db(b"trees"))
-            for key, body in tree_keys:
-                # Compress only what is new: a re-pushed tree costs one lookup.
-                if not trees.set_key(key):
-                    trees.put(key, snappy.compress(body), overwrite=False)
+            version, head = self._state(txn, repo)
+            stale = set()
+            for u in updates:
+                current = txn.get(prefix + u.name, db=refs_db)
+                expected = None if u.old is None else to_bin(u.old)
+                if (None if current is None else bytes(current)) != expected:
+                    stale.add(u.name)
+            if atomic and stale:
+                return stale
+            applied: set[int] = set()
+            for u, need in zip(updates, needs, strict=True):
+                if u.name in stale:
+                    continue
+                for index in need:
+                    if index not in applied:
+                        applied.add(index)
+                        self._ingest(txn, repo, batches[index])
+                if u.new is None:
+                    txn.delete(prefix + u.name, db=refs_db)
+                else:
+                    txn.put(prefix + u.name, to_bin(u.new), db=refs_db)
+            if len(stale) < len(updates):
+                self._put_state(txn, repo, version + 1, head)
+            return stale
 
     def get_commits(self, repo: Repository, oids: Iterable[ObjectID]) -> dict[ObjectID, CommitInfo]:
         return {o: _decode_commit(o, v) for o, v in self._lookup(repo, b"commits", oids)}

@@ -485,6 +485,69 @@ class MetadataStoreConformance(_StoreHarness):
             assert e.value.refs == (bad.name,)
         assert dict(m.get_refs(r).refs) == {b"refs/heads/main": self.A}
 
+    def test_apply_push_records_only_what_applied_updates_need(self) -> None:
+        """A refused update's batch is never recorded; applied ones land with their refs."""
+        m = self.metadata_store
+        r = m.create_repository("o/r")
+        m.update_refs(r, [RefUpdate(b"refs/heads/main", None, self.A)])
+        good = IngestBatch(objects=[(self.B, ObjectType.COMMIT)])
+        refused = IngestBatch(objects=[(self.C, ObjectType.BLOB)])
+        version = m.get_refs(r).version
+        stale = m.apply_push(
+            r,
+            [
+                RefUpdate(b"refs/heads/new", None, self.B),
+                RefUpdate(b"refs/heads/main", self.C, self.C),
+            ],
+            [good, refused],
+            [[0], [1]],
+            atomic=False,
+        )
+        assert stale == {b"refs/heads/main"}
+        assert m.object_types(r, [self.B, self.C]) == {self.B: ObjectType.COMMIT}
+        snapshot = m.get_refs(r)
+        assert dict(snapshot.refs) == {b"refs/heads/main": self.A, b"refs/heads/new": self.B}
+        assert snapshot.version == version + 1
+
+    def test_apply_push_shared_batch_follows_any_applied_update(self) -> None:
+        """A batch two updates need is recorded when either applies, once."""
+        m = self.metadata_store
+        r = m.create_repository("o/r")
+        m.update_refs(r, [RefUpdate(b"refs/heads/main", None, self.A)])
+        shared = IngestBatch(objects=[(self.B, ObjectType.COMMIT)])
+        stale = m.apply_push(
+            r,
+            [
+                RefUpdate(b"refs/heads/main", self.C, self.B),
+                RefUpdate(b"refs/tags/t", None, self.B),
+            ],
+            [shared],
+            [[0], [0]],
+            atomic=False,
+        )
+        assert stale == {b"refs/heads/main"}
+        assert m.object_types(r, [self.B]) == {self.B: ObjectType.COMMIT}
+
+    def test_apply_push_atomic_refuses_all(self) -> None:
+        """Atomic: one stale update refuses every update and records no batch."""
+        m = self.metadata_store
+        r = m.create_repository("o/r")
+        m.update_refs(r, [RefUpdate(b"refs/heads/main", None, self.A)])
+        before = m.get_refs(r)
+        stale = m.apply_push(
+            r,
+            [
+                RefUpdate(b"refs/heads/new", None, self.B),
+                RefUpdate(b"refs/heads/main", self.C, self.B),
+            ],
+            [IngestBatch(objects=[(self.B, ObjectType.COMMIT)])],
+            [[0], [0]],
+            atomic=True,
+        )
+        assert stale == {b"refs/heads/main"}
+        assert m.object_types(r, [self.B]) == {}
+        assert m.get_refs(r) == before
+
     def test_conflict_changes_nothing_and_names_every_stale_ref(self) -> None:
         """One stale ref fails the whole batch; RefConflict names every stale ref and no other."""
         m = self.metadata_store

@@ -615,6 +615,45 @@ def test_one_level_ref_may_be_deleted_not_created(env):
     assert report.ok and b"refs/foo" not in env.refs()
 
 
+def test_refused_update_leaves_its_objects_unreachable(env):
+    """A push refused for a stale old value makes none of its objects members (so none are served)."""
+    main = env.rev("main")
+    env.metadata.update_refs(env.repo, [RefUpdate(b"refs/heads/main", None, main)])
+    report = env.push(
+        [(env.rev("main~1"), env.rev("feature"), b"refs/heads/main")],
+        env.spool(git_pack(env.src, ["feature"])),
+    )
+    assert [r.error for r in report.results] == ["failed to update ref"]
+    assert env.members(env.all_objects()) == set()
+    assert env.refs() == {b"refs/heads/main": main}
+
+
+def test_objects_follow_the_update_that_reaches_them(env):
+    """When one of two updates sharing history is refused, the shared objects still land with the other."""
+    main = env.rev("main")
+    report = env.push(
+        [(main, main, b"refs/heads/stale"), (ZERO_OID, main, b"refs/heads/ok")],
+        env.spool(git_pack(env.src, ["main"])),
+    )
+    assert [r.error for r in report.results] == ["failed to update ref", None]
+    assert main in env.members([main])
+    history = git("rev-list", "--objects", "main", cwd=env.src).split()
+    oids = [ObjectID(o) for o in history if len(o) == 40]
+    assert env.members(oids) == set(oids)
+
+
+def test_over_long_ref_is_refused_alone(env):
+    """A ref name over max_ref_bytes gets its own ng; the rest of the push lands."""
+    main = env.rev("main")
+    long_ref = b"refs/heads/" + b"x" * 600
+    report = env.push(
+        [(ZERO_OID, main, b"refs/heads/main"), (ZERO_OID, main, long_ref)],
+        env.spool(git_pack(env.src, ["main"])),
+    )
+    assert [r.error for r in report.results] == [None, "refname too long"]
+    assert env.refs() == {b"refs/heads/main": main}
+
+
 def test_duplicate_refs_are_refused(env):
     """Two commands for one ref are both refused."""
     main = env.rev("main")
