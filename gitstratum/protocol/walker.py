@@ -16,6 +16,7 @@ from the wants' commits minus what the client's boundary commits hold.
 from __future__ import annotations
 
 import heapq
+import threading
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import TypeVar
 
@@ -178,9 +179,12 @@ def _not_our_ref(oid: ObjectID) -> UploadPackError:
 def check_wants(view: RepoView, wants: Sequence[ObjectID]) -> None:
     """Refuse (git's "not our ref") any want that is not a ref tip or reachable from one here.
 
-    Commits are checked on the commit graph; any other object only has to be
-    a member of this repository (an object pushed only to another repository
-    sharing the stores is never ours).
+    Membership comes first (an object pushed only to another repository
+    sharing the stores is never ours).  Commits are then checked on the
+    commit graph, annotated tags against the refs' peel chains, and trees
+    and blobs by walking trees from the tips back through history, which
+    stops as soon as every wanted one is found (a partial clone's lazy
+    fetches are nearly always in the tips' trees).
     """
     types = view.types(wants)
     for want in wants:
@@ -193,6 +197,65 @@ def check_wants(view: RepoView, wants: Sequence[ObjectID]) -> None:
         for want in loose:
             if want in unreached:
                 raise _not_our_ref(want)
+    ref_values = set(view.snapshot.refs.values())
+    peeled = view.peel(ref_values)
+    tags = [w for w in wants if types[w] is ObjectType.TAG and w not in ref_values]
+    if tags:
+        on_chains = {tag for p in peeled.values() for tag in p.chain}
+        for want in tags:
+            if want not in on_chains:
+                raise _not_our_ref(want)
+    contents = {w for w in wants if types[w] in (ObjectType.TREE, ObjectType.BLOB)}
+    contents -= ref_values
+    contents -= {p.target for p in peeled.values()}
+    if contents:
+        for want in sorted(_unreached_contents(view, contents, tips, peeled)):
+            raise _not_our_ref(want)
+
+
+# Per (repository id, refs version): every tree and blob reachable from the
+# refs, kept after a walk had to cover all of history, so a client probing
+# for unreachable ids pays for that walk once per ref update, not per request.
+_REACHABLE: dict[tuple[int, int], frozenset[ObjectID]] = {}
+_REACHABLE_KEEP = 4
+_REACHABLE_LOCK = threading.Lock()
+
+
+def _unreached_contents(
+    view: RepoView,
+    targets: set[ObjectID],
+    tips: Collection[ObjectID],
+    peeled: dict[ObjectID, Peeled],
+) -> set[ObjectID]:
+    """The tree and blob *targets* that no ref reaches."""
+    key = (view.repo.id, view.snapshot.version)
+    with _REACHABLE_LOCK:
+        known = _REACHABLE.get(key)
+    if known is not None:
+        return targets - known
+    remaining = set(targets)
+    has: set[ObjectID] = set()
+    roots = [p.target for p in peeled.values() if p.type in (ObjectType.TREE, ObjectType.BLOB)]
+    seen = set(tips)
+    frontier = list(tips)
+    while frontier:
+        infos = view.commits(frontier)
+        _mark_reachable(view, roots + [i.tree for i in infos.values()], has, remaining)
+        if not remaining:
+            return set()
+        roots = []
+        parents = []
+        for info in infos.values():
+            for p in info.parents:
+                if p not in seen:
+                    seen.add(p)
+                    parents.append(p)
+        frontier = parents
+    with _REACHABLE_LOCK:
+        _REACHABLE[key] = frozenset(has)
+        while len(_REACHABLE) > _REACHABLE_KEEP:
+            del _REACHABLE[next(iter(_REACHABLE))]
+    return remaining
 
 
 def _unreachable(
@@ -696,11 +759,22 @@ def _entries(raw: bytes) -> list[tuple[bytes, int, ObjectID]]:
         raise ObjectParseError(f"bad tree: {e}") from e
 
 
-def _mark_reachable(view: RepoView, roots: Iterable[ObjectID], has: set[ObjectID]) -> None:
-    """Add every tree and blob under *roots* to *has*, a level of trees per store call."""
+def _mark_reachable(
+    view: RepoView,
+    roots: Iterable[ObjectID],
+    has: set[ObjectID],
+    sought: set[ObjectID] | None = None,
+) -> None:
+    """Add every tree and blob under *roots* to *has*, a level of trees per store call.
+
+    With *sought*, what is found is removed from it, and the walk ends as
+    soon as it is empty.
+    """
     frontier = [t for t in _dedupe(roots) if t not in has]
     has.update(frontier)
-    while frontier:
+    if sought is not None:
+        sought.difference_update(frontier)
+    while frontier and (sought is None or sought):
         subtrees = []
         for raw in view.trees(frontier).values():
             fresh = [(o, m) for _, m, o in _entries(raw) if o not in has and m != COMMIT_MODE]
@@ -709,6 +783,8 @@ def _mark_reachable(view: RepoView, roots: Iterable[ObjectID], has: set[ObjectID
                     has.add(oid)
                     if mode == TREE_MODE:
                         subtrees.append(oid)
+                    if sought is not None:
+                        sought.discard(oid)
         frontier = subtrees
 
 

@@ -228,6 +228,35 @@ def test_want_unreachable_from_every_ref_is_refused(world, tmp_path):
         check_wants(view, [h.c[2], h.c[8]])
 
 
+def test_unreachable_trees_blobs_and_tags_are_refused(world):
+    """Trees, blobs and tags of a deleted branch or tag are members but not our ref; history is ours."""
+    h = world.h
+    repo = world.metadata.create_repository("o/pruned")
+    snapshot = import_git_repo(os.path.join(h.work, ".git"), world.metadata, world.objects, repo)
+    world.metadata.update_refs(
+        repo,
+        [
+            RefUpdate(b"refs/heads/main", snapshot.refs[b"refs/heads/main"], h.c[6]),
+            RefUpdate(b"refs/tags/v2", snapshot.refs[b"refs/tags/v2"], None),
+        ],
+    )
+
+    def rev(spec: str) -> ObjectID:
+        return ObjectID(git("rev-parse", spec, cwd=h.work).strip())
+
+    view = RepoView.open(world.metadata, repo)
+    # still reachable: an old blob, an old root tree, a blob only on the feature branch
+    check_wants(view, [rev(f"{h.c[1].decode()}:src/a/x.txt"), rev(f"{h.c[2].decode()}^{{tree}}")])
+    check_wants(view, [rev(f"{h.f2.decode()}:feature/two.txt"), h.tags["vv"], h.tags["v1"]])
+    for gone in (
+        rev(f"{h.c[8].decode()}:src/a/x.txt"),
+        rev(f"{h.c[10].decode()}^{{tree}}"),
+        h.tags["v2"],
+    ):
+        with pytest.raises(UploadPackError, match=f"not our ref {gone.decode()}"):
+            check_wants(RepoView.open(world.metadata, repo), [gone])
+
+
 def test_resolve_want_refs(world):
     """want-ref names resolve through the snapshot; an unknown name is "unknown ref"."""
     h = world.h
