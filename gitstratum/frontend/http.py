@@ -50,19 +50,38 @@ class BodyTooLarge(Exception):
 class _SpoolingRequest(server.Request):
     """A Request that spools its body under the data dir and stops storing past a bound.
 
-    Twisted buffers every body whole (memory below 100 kB, a temp file
-    above).  We keep the temp file but put it where the data lives and count
-    bytes, so an endless chunked upload costs neither memory nor disk.
+    Twisted reads every body whole before any resource runs (memory below
+    100 kB, a temp file above), so the bound is chosen here, from the raw
+    path, before the first byte is kept: a push may bring ``max_body``, but
+    only with credentials (an anonymous push is refused anyway); an
+    upload-pack request ``max_request_body``; the admin API ``max_api_body``;
+    anything else nothing.  An endless chunked upload costs neither memory
+    nor disk, and an unauthenticated one cannot fill the spool.
     """
 
     max_body: int = 0
+    max_request_body: int = 0
+    max_api_body: int = 0
     spool_dir: str | None = None
     body_too_large: bool = False
     _body_seen: int = 0
+    _bound: int = 0
+
+    def _body_bound(self) -> int:
+        raw = getattr(self.channel, "_path", b"") or b""
+        path = raw.split(b"?", 1)[0]
+        if path.endswith(b"/git-receive-pack"):
+            return self.max_body if self.requestHeaders.hasHeader(b"authorization") else 0
+        if path.endswith(b"/git-upload-pack"):
+            return self.max_request_body
+        if path.startswith(b"/api/"):
+            return self.max_api_body
+        return 0
 
     def gotLength(self, length: int | None) -> None:
         self._body_seen = 0
-        self.body_too_large = length is not None and length > self.max_body
+        self._bound = self._body_bound()
+        self.body_too_large = length is not None and length > self._bound
         if length is not None and length < 100_000:
             self.content = _getContentFile(length)
         else:
@@ -70,7 +89,7 @@ class _SpoolingRequest(server.Request):
 
     def handleContentChunk(self, data: bytes) -> None:
         self._body_seen += len(data)
-        if self._body_seen > self.max_body:
+        if self._body_seen > self._bound:
             self.body_too_large = True
         if self.body_too_large:
             # Also when Content-Length said so up front: the answer is 413 either way.
@@ -79,10 +98,23 @@ class _SpoolingRequest(server.Request):
         self.content.write(data)
 
 
-def spooling_request_factory(max_body: int, spool_dir: str | None) -> type[server.Request]:
+def spooling_request_factory(
+    max_body: int,
+    spool_dir: str | None,
+    *,
+    max_request_body: int = 16 << 20,
+    max_api_body: int = (1 << 20) + 1,
+) -> type[server.Request]:
     """A Request class for ``Site(requestFactory=...)`` with these bounds."""
     return type(
-        "SpoolingRequest", (_SpoolingRequest,), {"max_body": max_body, "spool_dir": spool_dir}
+        "SpoolingRequest",
+        (_SpoolingRequest,),
+        {
+            "max_body": max_body,
+            "spool_dir": spool_dir,
+            "max_request_body": max_request_body,
+            "max_api_body": max_api_body,
+        },
     )
 
 

@@ -138,7 +138,9 @@ def make_site(app: GitHTTP, *, limits: Limits, spool_dir: str) -> Site:
     os.makedirs(spool_dir, exist_ok=True)
     site = Site(
         app.resource(),
-        requestFactory=spooling_request_factory(limits.max_pack_bytes, spool_dir),
+        requestFactory=spooling_request_factory(
+            limits.max_pack_bytes, spool_dir, max_request_body=limits.max_request_bytes
+        ),
         timeout=limits.idle_timeout,
     )
     site.displayTracebacks = False

@@ -792,9 +792,48 @@ def test_truncated_gzip_receive_pack_body_is_400(h: Harness, tmp_path: Path) -> 
 # -- the spooling request ----------------------------------------------------------------------
 
 
-def spooling_request(max_body: int, spool_dir: Path) -> Any:
-    cls = spooling_request_factory(max_body, str(spool_dir))
-    return cls(DummyChannel())
+def spooling_request(
+    max_body: int,
+    spool_dir: Path,
+    path: bytes = b"/o/r.git/git-receive-pack",
+    authorization: bool = True,
+    **bounds: int,
+) -> Any:
+    """A spooling request as the channel makes it: request line and headers seen, body not yet."""
+    cls = spooling_request_factory(max_body, str(spool_dir), **bounds)
+    channel = DummyChannel()
+    channel._path = path
+    request = cls(channel)
+    if authorization:
+        request.requestHeaders.addRawHeader(b"Authorization", b"Basic eDp5")
+    return request
+
+
+@pytest.mark.parametrize(
+    "path,authorization,bound",
+    [
+        (b"/o/r.git/git-receive-pack", True, 1000),
+        (b"/o/r.git/git-receive-pack", False, 0),
+        (b"/o/r.git/git-upload-pack", False, 100),
+        (b"/api/v1/repos", True, 10),
+        (b"/o/r.git/info/refs?service=git-upload-pack", True, 0),
+        (b"/anything/else", True, 0),
+    ],
+)
+def test_spooling_bound_depends_on_the_endpoint(
+    tmp_path: Path, path: bytes, authorization: bool, bound: int
+) -> None:
+    """Pushes with credentials may bring max_body, upload-pack its own bound, the API its own, else nothing."""
+    request = spooling_request(
+        1000, tmp_path, path, authorization, max_request_body=100, max_api_body=10
+    )
+    request.gotLength(None)
+    request.handleContentChunk(b"x" * bound)
+    assert not request.body_too_large
+    request.handleContentChunk(b"x")
+    assert request.body_too_large
+    request.content.seek(0)
+    assert len(request.content.read()) == bound
 
 
 def file_directory(f: Any) -> str:
