@@ -39,6 +39,7 @@ from gitstratum.frontend.auth import (
     parse_bearer,
     ssh_fingerprint,
 )
+from gitstratum.frontend.paths import RESERVED_OWNERS, valid_repo_name
 from gitstratum.frontend.threads import BlockingRunner
 from gitstratum.storage.interfaces import (
     IMetadataStore,
@@ -60,7 +61,6 @@ MAX_BODY_BYTES = 1024 * 1024
 
 T = TypeVar("T")
 
-_REPO_PART = re.compile(r"\A[A-Za-z0-9._-]{1,100}\Z")
 _USER_NAME = re.compile(r"\A[A-Za-z0-9_.-]{1,64}\Z")
 _JSON = b"application/json"
 
@@ -76,19 +76,25 @@ class ApiError(Exception):
 
 
 def check_repo_name(name: str) -> str:
-    """Return *name* if it is a valid ``OWNER/NAME``; raise ValueError saying why not."""
+    """Return *name* if it is a valid ``OWNER/NAME``; raise ValueError saying why not.
+
+    The rule is ``paths.valid_repo_name``, the one every transport serves by,
+    so no repository can be created that HTTP, SSH or git:// cannot reach.
+    """
+    if valid_repo_name(name):
+        return name
     parts = name.split("/")
     if len(parts) != 2:
         raise ValueError(f"invalid repository name {name!r}: expected OWNER/NAME")
-    for part in parts:
-        if not _REPO_PART.match(part) or part in (".", ".."):
-            raise ValueError(
-                f"invalid repository name {name!r}: OWNER and NAME must each be 1-100 of "
-                "the characters A-Z a-z 0-9 . _ - and not '.' or '..'"
-            )
-        if part.endswith(".git"):
-            raise ValueError(f"invalid repository name {name!r}: leave off the '.git' suffix")
-    return name
+    if parts[0] in RESERVED_OWNERS:
+        raise ValueError(f"invalid repository name {name!r}: {parts[0]!r} is a reserved owner")
+    if any(p.endswith(".git") for p in parts):
+        raise ValueError(f"invalid repository name {name!r}: leave off the '.git' suffix")
+    raise ValueError(
+        f"invalid repository name {name!r}: OWNER and NAME must each be 1-100 of the "
+        "characters A-Z a-z 0-9 . _ -, start with a letter, digit or '_', hold no '..' "
+        "and not end with '.'"
+    )
 
 
 def check_user_name(name: str) -> str:

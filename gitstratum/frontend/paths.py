@@ -12,7 +12,14 @@ from urllib.parse import unquote_to_bytes
 
 import attrs
 
-__all__ = ["GitPath", "BadPath", "parse_git_path", "REPO_PART", "valid_repo_name"]
+__all__ = [
+    "GitPath",
+    "BadPath",
+    "parse_git_path",
+    "REPO_PART",
+    "RESERVED_OWNERS",
+    "valid_repo_name",
+]
 
 REPO_PART = re.compile(r"\A[A-Za-z0-9_][A-Za-z0-9._-]{0,99}\Z")
 
@@ -33,13 +40,26 @@ class GitPath:
     endpoint: bytes  # one of _ENDPOINTS, or b"dumb"
 
 
+#: owners that would collide with the server's own routes
+RESERVED_OWNERS = frozenset({"api", "healthz", "metrics"})
+
+
 def valid_repo_name(name: str) -> bool:
-    """True for OWNER/NAME where each part is a safe name and NAME does not end in .git."""
+    """True for OWNER/NAME that every transport can serve.
+
+    Each part starts with a letter, digit or ``_`` and holds only
+    ``A-Z a-z 0-9 . _ -``; neither holds ``..`` (SSH and git:// refuse any
+    path with it before looking anything up); neither ends in ``.git`` (the
+    suffix is optional in URLs); NAME does not end in ``.`` (``NAME.git``
+    would then hold ``..``); OWNER is not one of the server's own routes.
+    """
     parts = name.split("/")
     return (
         len(parts) == 2
-        and all(REPO_PART.match(p) and p not in (".", "..") for p in parts)
-        and not parts[1].endswith(".git")
+        and all(REPO_PART.match(p) and ".." not in p for p in parts)
+        and not any(p.endswith(".git") for p in parts)
+        and not parts[1].endswith(".")
+        and parts[0] not in RESERVED_OWNERS
     )
 
 

@@ -70,3 +70,27 @@ def test_never_crashes_and_never_yields_dots(raw: bytes) -> None:
     if result is not None:
         assert valid_repo_name(result.repo)
         assert ".." not in result.repo.split("/")
+
+
+@given(
+    st.text(alphabet="ab.-_/~\\x0 ", min_size=1, max_size=12),
+)
+def test_every_entry_point_agrees_on_repository_names(name: str) -> None:
+    """A name the admin API accepts is exactly one HTTP and SSH can serve, and vice versa."""
+    from gitstratum.frontend.admin_api import check_repo_name
+    from gitstratum.frontend.ssh import CommandError, repo_from_path
+
+    try:
+        check_repo_name(name)
+        api = True
+    except ValueError:
+        api = False
+    try:
+        http = parse_git_path(f"/{name}.git/info/refs".encode()) == GitPath(name, b"info/refs")
+    except BadPath:
+        http = False
+    try:
+        ssh = repo_from_path(f"/{name}.git") == name
+    except CommandError:
+        ssh = False
+    assert api == http == ssh, (name, api, http, ssh)
