@@ -9,13 +9,11 @@ anywhere before it leaves every ref as it was.
 from __future__ import annotations
 
 import bisect
-import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import BinaryIO
 
 import attrs
-from dulwich.pack import apply_delta
 
 from gitstratum.core.fsck import FsckError, check_gitmodules, check_object, check_tree
 from gitstratum.core.indexer import BaseLookup, IndexedPack, PackError, PackIndexer
@@ -34,6 +32,7 @@ from gitstratum.core.objects import (
 )
 from gitstratum.core.oid import ZERO_OID, ObjectID, is_oid
 from gitstratum.core.refs import check_ref_format, is_valid_push_ref
+from gitstratum.protocol.packgen import BodyCache, CorruptObject, MissingObject, resolve_object
 from gitstratum.protocol.receive_pack import Command, PushRequest, RefResult, ReportStatus
 from gitstratum.storage.interfaces import (
     IMetadataStore,
@@ -56,28 +55,23 @@ DELETE_FAILED = "failed to delete"
 FUNNY_REFNAME = "funny refname"
 
 
-def read_object(store: IObjectStore, oid: ObjectID) -> tuple[ObjectType, bytes, int] | None:
+def read_object(
+    store: IObjectStore, oid: ObjectID, cache: BodyCache | None = None
+) -> tuple[ObjectType, bytes, int] | None:
     """The full body of a stored object, following its delta chain: (type, raw, depth).
 
     None when the object, or any base along its chain, is not stored (or the
-    chain loops, which only a corrupt store can do).
+    chain is corrupt).  Chains are resolved by packgen's resolver, with
+    *cache* shared across the calls of one push when given.
     """
-    chain = []
-    seen: set[ObjectID] = set()
-    current: ObjectID | None = oid
-    while current is not None:
-        if current in seen:
-            return None
-        seen.add(current)
-        record = store.get(current)
-        if record is None:
-            return None
-        chain.append(record)
-        current = record.delta_base
-    body = zlib.decompress(chain[-1].compressed)
-    for record in reversed(chain[:-1]):
-        body = b"".join(apply_delta(body, zlib.decompress(record.compressed)))
-    return chain[0].type, body, chain[0].depth
+    record = store.get(oid)
+    if record is None:
+        return None
+    try:
+        body = resolve_object(store, record, cache if cache is not None else BodyCache(16 << 20))
+    except (MissingObject, CorruptObject):
+        return None
+    return record.type, body, record.depth
 
 
 def _shown(ref: bytes) -> str:
@@ -422,13 +416,15 @@ class PushProcessor:
                 reasons[i] = UPDATE_FAILED
 
     def _index(self, repo: Repository, pack: BinaryIO, contents: _PackContents) -> IndexedPack:
+        cache = BodyCache(32 << 20)  # thin bases of one push often share their chains
+
         def thin_base(oid: ObjectID) -> tuple[ObjectType, bytes, int] | None:
             # Only this repository's objects may complete a thin pack (or be
             # read for fsck): an object pushed elsewhere must not leak in by
             # naming its id.
             if not self.metadata.object_types(repo, [oid]):
                 return None
-            return read_object(self.objects, oid)
+            return read_object(self.objects, oid, cache)
 
         indexed = PackIndexer(pack, self.limits, thin_base).run(on_object=contents.on_object)
         contents.check_gitmodules_left(indexed, thin_base)
