@@ -3,7 +3,9 @@
 Routing, authentication and framing happen here; everything that touches
 the stores, inflates or hashes runs through the injected ``BlockingRunner``.
 Responses stream through ``ThreadedIteratorProducer`` so a slow client
-pauses pack generation instead of growing a buffer.
+pauses pack generation instead of growing a buffer.  An upload-pack request
+is planned before its response starts, so a fetch that admission control
+refuses gets ``429 Too Many Requests`` with ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -25,13 +27,15 @@ from twisted.web.iweb import IRequest
 from gitstratum.core.limits import Limits
 from gitstratum.core.pktline import PktLineError, error_pkt
 from gitstratum.frontend.admin_api import AdminAPI
+from gitstratum.frontend.admission import Overloaded
 from gitstratum.frontend.auth import Authorizer
 from gitstratum.frontend.metrics import Metrics, log_request
 from gitstratum.frontend.paths import BadPath, GitPath, parse_git_path
 from gitstratum.frontend.threads import BlockingRunner, ThreadedIteratorProducer
 from gitstratum.protocol import receive_pack
 from gitstratum.protocol.ingest import PushProcessor
-from gitstratum.protocol.upload_service import UploadPackService
+from gitstratum.protocol.upload_pack import UploadPackError
+from gitstratum.protocol.upload_service import Caller, PlannedResponse, UploadPackService
 from gitstratum.storage.interfaces import IMetadataStore, Permission, Repository
 
 __all__ = ["GitHTTP", "spooling_request_factory", "BodyTooLarge"]
@@ -173,6 +177,11 @@ def _gunzip_to_spool(content: IO[bytes], limit: int, spool_dir: str | None) -> I
         raise
     out.seek(0)
     return out
+
+
+def _client_host(request: IRequest) -> str | None:
+    """The client's IP address, for per-IP rate limits (forwarding headers are not trusted)."""
+    return getattr(request.getClientAddress(), "host", None)
 
 
 @attrs.define
@@ -379,10 +388,28 @@ class GitHTTP:
             ex.status, ex.outcome = 400, "bad_request"
             self._finish(ex)
             return self._plain(request, 400, str(e))
+        caller = Caller(user=None if ex.user == "-" else ex.user, address=_client_host(request))
+        # Planned before the first byte: a refusal can still be a status code.
+        try:
+            planned = await self.run(
+                self.upload.plan,
+                repo,
+                body,
+                version=self._protocol_version(request),
+                caller=caller,
+            )
+        except Overloaded as e:
+            ex.status, ex.outcome = 429, "rate_limited"
+            self._finish(ex)
+            request.setHeader(b"Retry-After", b"%d" % e.retry_seconds)
+            return self._plain(request, 429, str(e))
+        except UploadPackError as e:
+            planned = PlannedResponse(error_pkt(str(e)))
+            ex.outcome = "bad_request"
         request.setHeader(b"Content-Type", b"application/x-git-upload-pack-result")
         for k, v in _NO_CACHE.items():
             request.setHeader(k, v)
-        iterator = self.upload.serve(repo, body, version=self._protocol_version(request))
+        iterator = self.upload.send(planned)
         producer = ThreadedIteratorProducer(cast(IConsumer, request), iterator, self.run)
         try:
             ex.nbytes = await producer.start()

@@ -11,7 +11,8 @@ stream, and keeps its side open until it has read the report.
 git:// connection.  The adapters authenticate, choose the repository and the
 protocol version, connect it to their transport, and learn the exit status
 through ``on_done``; they close the transport then (an SSH channel sends its
-exit-status first).  Nothing here blocks the reactor: every step that touches
+exit-status first).  A fetch admission control refuses ends the session
+with git's ``ERR`` packet ("server busy: ..., retry in N s").  Nothing here blocks the reactor: every step that touches
 the stores runs through the backend's ``BlockingRunner``, and packs stream
 through ``ThreadedIteratorProducer`` registered on the transport, so a full
 SSH window or TCP buffer pauses pack generation.  Input that arrives while a
@@ -47,6 +48,7 @@ from gitstratum.core.pktline import (
     pkt_line,
     strip_newline,
 )
+from gitstratum.frontend.admission import Overloaded
 from gitstratum.frontend.metrics import Metrics, log_request
 from gitstratum.frontend.threads import BlockingRunner, ThreadedIteratorProducer
 from gitstratum.protocol import receive_pack
@@ -60,7 +62,12 @@ from gitstratum.protocol.receive_pack import (
     encode_response,
 )
 from gitstratum.protocol.upload_pack import UploadPackError, capability_advertisement, frame_band
-from gitstratum.protocol.upload_service import PlannedResponse, UploadPackService, UploadSession
+from gitstratum.protocol.upload_service import (
+    Caller,
+    PlannedResponse,
+    UploadPackService,
+    UploadSession,
+)
 from gitstratum.storage.interfaces import IMetadataStore, Repository
 
 __all__ = [
@@ -92,6 +99,14 @@ def parse_git_protocol_env(value: bytes) -> int:
     """
     versions = [item[8:] for item in value.split(b":") if item.startswith(b"version=")]
     return 2 if b"2" in versions else 0
+
+
+def _peer_host(transport: Any) -> str | None:
+    """The client's IP address behind a transport: TCP's peer, or the one under an SSH channel."""
+    address = transport.getPeer() if transport is not None else None
+    while address is not None and not hasattr(address, "host"):
+        address = getattr(address, "address", None)  # SSHTransportAddress wraps the TCP one
+    return getattr(address, "host", None)
 
 
 @attrs.frozen
@@ -229,11 +244,14 @@ class GitStreamProtocol(Protocol):
         self._producer: ThreadedIteratorProducer | None = None
         self._nbytes = 0
         self._started = 0.0
+        self._caller = Caller()
 
     # -- Twisted's hooks ---------------------------------------------------------
 
     def connectionMade(self) -> None:
         self._started = self._backend.clock()
+        user = None if self._user == "-" else self._user
+        self._caller = Caller(user=user, address=_peer_host(self.transport))
         with self._guarded():
             if self._service == RECEIVE_PACK:
                 self._call(self._push_advertised, self._push_advertisement)
@@ -306,6 +324,9 @@ class GitStreamProtocol(Protocol):
             then(result)
 
     def _failed(self, failure: Failure) -> None:
+        if failure.check(Overloaded) is not None and not self._finished:
+            self._fatal(str(failure.value), "rate_limited")  # "ERR server busy: ..."
+            return
         client_error = failure.check(*_CLIENT_ERRORS) is not None
         if self._finished:
             if not client_error:
@@ -433,7 +454,7 @@ class GitStreamProtocol(Protocol):
         return self._session
 
     def _open_upload(self) -> tuple[UploadSession, bytes]:
-        session = UploadSession.open(self._backend.upload, self._repo)
+        session = UploadSession.open(self._backend.upload, self._repo, self._caller)
         return session, session.advertisement()
 
     def _upload_advertised(self, opened: tuple[UploadSession, bytes]) -> None:
@@ -442,7 +463,7 @@ class GitStreamProtocol(Protocol):
         self._ready(_State.WANTS)
 
     def _plan_v2(self, section: bytes) -> PlannedResponse:
-        return self._backend.upload.plan(self._repo, section, version=2)
+        return self._backend.upload.plan(self._repo, section, version=2, caller=self._caller)
 
     def _v2_planned(self, planned: PlannedResponse) -> None:
         self._respond(planned, lambda: self._ready(_State.COMMAND))

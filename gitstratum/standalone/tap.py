@@ -10,8 +10,11 @@ from twisted.application.service import IService, MultiService
 from twisted.logger import Logger
 from twisted.python import usage
 
+from gitstratum.cache.disk import DiskPackCache
 from gitstratum.core.limits import Limits
+from gitstratum.frontend.admission import AdmissionPolicy, RateLimit
 from gitstratum.frontend.auth import bootstrap_admin
+from gitstratum.frontend.metrics import Metrics
 from gitstratum.frontend.service import build_frontend
 from gitstratum.frontend.ssh import host_key_fingerprints, load_or_create_host_keys
 from gitstratum.frontend.threads import thread_runner
@@ -69,12 +72,101 @@ class Options(usage.Options):
         ],
         ["compression-level", None, 6, "zlib level for objects that must be recompressed.", int],
         ["threads", None, 8, "Worker threads for storage, packing and hashing.", int],
+        # -- the pack cache and admission control (issue 4) --
+        ["pack-cache-dir", None, None, "Pack cache directory (default: DATA_DIR/pack-cache)."],
+        [
+            "pack-cache-bytes",
+            None,
+            2 * 1024**3,
+            "Bytes of packs the cache may keep (least recently used go first); 0 turns it off.",
+            int,
+        ],
+        [
+            "pack-cache-max-age",
+            None,
+            None,
+            "Seconds after which a cached pack is dropped and rebuilt (default: never).",
+            float,
+        ],
+        [
+            "pack-cache-min-occurrences",
+            None,
+            1,
+            "Cache a pack from its Nth request on (pre-warm always caches).",
+            int,
+        ],
+        [
+            "max-builds",
+            None,
+            4,
+            "Pack builds at once; a fetch needing another gets 429/ERR (0: unlimited).",
+            int,
+        ],
+        ["rate-per-user", None, 0.0, "Fetches a second per user, sustained (0: unlimited).", float],
+        ["burst-per-user", None, 20.0, "Fetches a user may make at once, above the rate.", float],
+        [
+            "rate-per-ip",
+            None,
+            0.0,
+            "Fetches a second per client IP, sustained (0: unlimited).",
+            float,
+        ],
+        [
+            "burst-per-ip",
+            None,
+            20.0,
+            "Fetches a client IP may make at once, above the rate.",
+            float,
+        ],
+        [
+            "prewarm-refs",
+            None,
+            "",
+            "After a push, pre-warm clone packs for HEAD's branch and for refs matching these"
+            " comma-separated globs (e.g. 'refs/heads/release/*'); 'none' turns pre-warm off.",
+        ],
     ]
     optParameters += [[name, None, None, doc, kind] for name, _, kind, doc in _LIMIT_OPTIONS]
+
+    def postOptions(self) -> None:
+        try:
+            self.admission_policy()
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+        if self["pack-cache-bytes"] < 0:
+            raise usage.UsageError("--pack-cache-bytes cannot be negative")
+        if self["pack-cache-min-occurrences"] < 1:
+            raise usage.UsageError("--pack-cache-min-occurrences must be at least 1")
+        max_age = self["pack-cache-max-age"]
+        if max_age is not None and max_age <= 0:
+            raise usage.UsageError("--pack-cache-max-age must be positive")
 
     def limits(self) -> Limits:
         given = {attr: self[name] for name, attr, _, _ in _LIMIT_OPTIONS if self[name] is not None}
         return Limits(**given)
+
+    def admission_policy(self) -> AdmissionPolicy:
+        """The admission limits; ValueError for impossible ones."""
+        if self["max-builds"] < 0:
+            raise ValueError("--max-builds cannot be negative")
+        for name in ("rate-per-user", "rate-per-ip"):
+            if self[name] < 0:
+                raise ValueError(f"--{name} cannot be negative")
+        for name in ("burst-per-user", "burst-per-ip"):
+            if self[name] < 1:
+                raise ValueError(f"--{name} must be at least 1")
+        return AdmissionPolicy(
+            max_builds=self["max-builds"],
+            per_user=RateLimit(self["rate-per-user"], self["burst-per-user"]),
+            per_ip=RateLimit(self["rate-per-ip"], self["burst-per-ip"]),
+        )
+
+    def prewarm_refs(self) -> tuple[str, ...] | None:
+        """Globs of refs to pre-warm besides HEAD's branch; None when pre-warm is off."""
+        value = (self["prewarm-refs"] or "").strip()
+        if value.lower() == "none":
+            return None
+        return tuple(p.strip() for p in value.split(",") if p.strip())
 
 
 class StandaloneService(MultiService):
@@ -89,6 +181,7 @@ class StandaloneService(MultiService):
         self.frontend: Any = None
         self.metadata: LMDBMetadataStore | None = None
         self.objects: LMDBObjectStore | None = None
+        self.pack_cache: DiskPackCache | None = None
 
     def startService(self) -> None:
         if self._reactor is None:
@@ -110,6 +203,20 @@ class StandaloneService(MultiService):
         run = thread_runner(reactor, reactor.getThreadPool())
         spool_dir = os.path.join(data_dir, "spool")
         os.makedirs(spool_dir, exist_ok=True)
+        metrics = Metrics()
+        policy = self.options.admission_policy()
+        if self.options["pack-cache-bytes"] > 0:
+            cache_dir = self.options["pack-cache-dir"] or os.path.join(data_dir, "pack-cache")
+            self.pack_cache = DiskPackCache(
+                os.path.abspath(cache_dir),
+                max_bytes=self.options["pack-cache-bytes"],
+                max_age=self.options["pack-cache-max-age"],
+                min_occurrences=self.options["pack-cache-min-occurrences"],
+                # No more builders than builds admitted: the rest would only queue.
+                builders=policy.max_builds or self.options["threads"],
+                on_event=metrics.pack_cache_event,
+            )
+            self.log.info("Pack cache: {dir}", dir=cache_dir)
         frontend = build_frontend(
             self.metadata,
             self.objects,
@@ -117,6 +224,11 @@ class StandaloneService(MultiService):
             limits=limits,
             spool_dir=spool_dir,
             compression_level=self.options["compression-level"],
+            metrics=metrics,
+            cache=self.pack_cache,
+            admission=policy,
+            prewarm_refs=self.options.prewarm_refs(),
+            call_from_thread=reactor.callFromThread,
         )
         self.frontend = frontend
         http = strports.service(
@@ -154,6 +266,9 @@ class StandaloneService(MultiService):
         d = super().stopService()
 
         def close(result: Any) -> Any:
+            # The cache first: it waits for builds that still read the stores.
+            if self.pack_cache is not None:
+                self.pack_cache.close()
             for store in (self.metadata, self.objects):
                 if store is not None:
                     store.close()
