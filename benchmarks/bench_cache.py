@@ -41,8 +41,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT.parent / "shared" / "bench"
-ENV = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_CONFIG_NOSYSTEM": "1",
-       "GIT_CONFIG_GLOBAL": os.devnull}
+ENV = {
+    **os.environ,
+    "GIT_TERMINAL_PROMPT": "0",
+    "GIT_CONFIG_NOSYSTEM": "1",
+    "GIT_CONFIG_GLOBAL": os.devnull,
+}
 
 
 def free_port() -> int:
@@ -69,10 +73,25 @@ class GitStratum:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "--pidfile=",
-             "-n", "gitstratum-standalone", "--data-dir", str(self.data),
-             "--http", f"tcp:{self.port}:interface=127.0.0.1", "--ssh", "none", *extra],
-            stdout=open(work / f"{name}.log", "wb"), stderr=subprocess.STDOUT, cwd=work)
+            [
+                sys.executable,
+                "-c",
+                "from twisted.scripts.twistd import run; run()",
+                "--pidfile=",
+                "-n",
+                "gitstratum-standalone",
+                "--data-dir",
+                str(self.data),
+                "--http",
+                f"tcp:{self.port}:interface=127.0.0.1",
+                "--ssh",
+                "none",
+                *extra,
+            ],
+            stdout=open(work / f"{name}.log", "wb"),
+            stderr=subprocess.STDOUT,
+            cwd=work,
+        )
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -82,8 +101,11 @@ class GitStratum:
                 if time.monotonic() > deadline:
                     raise SystemExit(f"{name} did not start") from None
                 time.sleep(0.1)
-        self.cli_env = {**ENV, "GITSTRATUM_URL": self.base,
-                        "GITSTRATUM_TOKEN": (self.data / "admin-token").read_text().strip()}
+        self.cli_env = {
+            **ENV,
+            "GITSTRATUM_URL": self.base,
+            "GITSTRATUM_TOKEN": (self.data / "admin-token").read_text().strip(),
+        }
         self.cli("user", "create", "bench")
         self.token = self.cli("token", "create", "bench").strip()
 
@@ -114,8 +136,13 @@ class Baseline:
         self.root = work / "baseline-root"
         self.root.mkdir()
         self.state = work / "baseline-state"
-        self.base = sh(str(BENCH / "baseline-http-backend"), "start", str(self.root),
-                       str(free_port()), str(self.state)).strip()
+        self.base = sh(
+            str(BENCH / "baseline-http-backend"),
+            "start",
+            str(self.root),
+            str(free_port()),
+            str(self.state),
+        ).strip()
 
     def serve(self, name: str, src: Path) -> str:
         dst = self.root / f"{name}.git"
@@ -129,8 +156,19 @@ class Baseline:
 
 
 def storm(url: str, depth: int, n: int, c: int, label: str, token: str | None = None) -> dict:
-    args = [sys.executable, str(BENCH / "clone_storm.py"), url, "--depth", str(depth), "-n", str(n),
-            "-c", str(c), "--label", label]
+    args = [
+        sys.executable,
+        str(BENCH / "clone_storm.py"),
+        url,
+        "--depth",
+        str(depth),
+        "-n",
+        str(n),
+        "-c",
+        str(c),
+        "--label",
+        label,
+    ]
     if token:
         args += ["--user", "bench", "--token", token]
     out = subprocess.run(args, capture_output=True, env=ENV, check=False)
@@ -141,7 +179,9 @@ def storm(url: str, depth: int, n: int, c: int, label: str, token: str | None = 
 
 def fetch_once(server: GitStratum, repo: str, want: str, depth: int) -> tuple[float, int]:
     """One v2 fetch read to the end: (seconds, bytes)."""
-    body = pkt("command=fetch\n") + pkt("agent=git/2.45.0\n") + pkt("object-format=sha1\n") + b"0001"
+    body = (
+        pkt("command=fetch\n") + pkt("agent=git/2.45.0\n") + pkt("object-format=sha1\n") + b"0001"
+    )
     body += pkt("thin-pack\n") + pkt("ofs-delta\n") + pkt("no-progress\n")
     if depth:
         body += pkt(f"deepen {depth}\n")
@@ -149,9 +189,16 @@ def fetch_once(server: GitStratum, repo: str, want: str, depth: int) -> tuple[fl
     cred = base64.b64encode(f"bench:{server.token}".encode()).decode()
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=600)
     t0 = time.perf_counter()
-    conn.request("POST", f"/{repo}.git/git-upload-pack", body=body, headers={
-        "Git-Protocol": "version=2", "Authorization": "Basic " + cred,
-        "Content-Type": "application/x-git-upload-pack-request"})
+    conn.request(
+        "POST",
+        f"/{repo}.git/git-upload-pack",
+        body=body,
+        headers={
+            "Git-Protocol": "version=2",
+            "Authorization": "Basic " + cred,
+            "Content-Type": "application/x-git-upload-pack-request",
+        },
+    )
     resp = conn.getresponse()
     total = 0
     while chunk := resp.read(1 << 20):
@@ -174,7 +221,9 @@ def curve(server: GitStratum, repo: str, url: str, work: Path) -> list[float]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--files", type=int, default=12000)
     ap.add_argument("--commits", type=int, default=3000)
     ap.add_argument("--storm", type=int, default=300)
@@ -189,10 +238,22 @@ def main() -> int:
     extra = shlex.split(a.server_args)
     src = work / "src.git"
     t0 = time.perf_counter()
-    sh(sys.executable, str(BENCH / "make_repo.py"), str(src), "--files", str(a.files),
-       "--commits", str(a.commits))
-    results: dict = {"repo": {"files": a.files, "commits": a.commits,
-                              "made_in_s": round(time.perf_counter() - t0, 1)}}
+    sh(
+        sys.executable,
+        str(BENCH / "make_repo.py"),
+        str(src),
+        "--files",
+        str(a.files),
+        "--commits",
+        str(a.commits),
+    )
+    results: dict = {
+        "repo": {
+            "files": a.files,
+            "commits": a.commits,
+            "made_in_s": round(time.perf_counter() - t0, 1),
+        }
+    }
     gs = GitStratum(work, "gs", extra)
     cold = GitStratum(work, "gs-noprewarm", [*extra, "--prewarm-refs", "none"])
     base = Baseline(work)
@@ -205,8 +266,10 @@ def main() -> int:
         sh("git", "push", "-q", cold_url, "main", cwd=src)
         git_url = base.serve("acme/app", src)
         gs_url = gs.base + "/acme/app.git"
-        for depth, name, n, gn in ((1, "depth1", a.storm, a.git_storm),
-                                   (0, "full", a.full_storm, min(a.full_storm, a.git_storm))):
+        for depth, name, n, gn in (
+            (1, "depth1", a.storm, a.git_storm),
+            (0, "full", a.full_storm, min(a.full_storm, a.git_storm)),
+        ):
             storm(git_url, depth, 1, 1, "git-warmup")
             storm(gs_url, depth, 1, 1, "gs-warmup", token=gs.token)
             before = gs.metrics()
@@ -214,17 +277,22 @@ def main() -> int:
             s = storm(gs_url, depth, n, a.concurrency, f"gitstratum-{name}", token=gs.token)
             after = gs.metrics()
             results[name] = {
-                "git": g, "gitstratum": s,
+                "git": g,
+                "gitstratum": s,
                 "clones_per_s_ratio": round(s["clones_per_s"] / g["clones_per_s"], 1),
-                "cpu_per_clone_ratio": round(s["server_cpu_s_per_clone"]
-                                             / max(g["server_cpu_s_per_clone"], 1e-9), 4),
+                "cpu_per_clone_ratio": round(
+                    s["server_cpu_s_per_clone"] / max(g["server_cpu_s_per_clone"], 1e-9), 4
+                ),
                 "cache_metrics_delta": {k: after.get(k, 0) - before.get(k, 0) for k in after},
             }
         tip = sh("git", "rev-parse", "main", cwd=src).strip()
         fetch_once(gs, "acme/app", tip, 0)
         seconds, size = fetch_once(gs, "acme/app", tip, 0)
-        results["stream_from_cache"] = {"bytes": size, "seconds": round(seconds, 3),
-                                        "mb_per_s": round(size / seconds / 1e6, 1)}
+        results["stream_from_cache"] = {
+            "bytes": size,
+            "seconds": round(seconds, 3),
+            "mb_per_s": round(size / seconds / 1e6, 1),
+        }
         results["first_10_after_push_s"] = {
             "prewarm": curve(gs, "acme/app", url, work),
             "no_prewarm": curve(cold, "acme/app", cold_url, work),

@@ -32,8 +32,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT.parent / "shared" / "bench"
-ENV = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_CONFIG_NOSYSTEM": "1",
-       "GIT_CONFIG_GLOBAL": os.devnull}
+ENV = {
+    **os.environ,
+    "GIT_TERMINAL_PROMPT": "0",
+    "GIT_CONFIG_NOSYSTEM": "1",
+    "GIT_CONFIG_GLOBAL": os.devnull,
+}
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -68,11 +72,24 @@ class Server:
         self.port, self.ssh_port = free_port(), free_port()
         self.log = work / "gs.log"
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "--pidfile=",
-             "-n", "gitstratum-standalone", "--data-dir", str(self.data),
-             "--http", f"tcp:{self.port}:interface=127.0.0.1",
-             "--ssh", f"tcp:{self.ssh_port}:interface=127.0.0.1"],
-            stdout=open(self.log, "wb"), stderr=subprocess.STDOUT, cwd=work)
+            [
+                sys.executable,
+                "-c",
+                "from twisted.scripts.twistd import run; run()",
+                "--pidfile=",
+                "-n",
+                "gitstratum-standalone",
+                "--data-dir",
+                str(self.data),
+                "--http",
+                f"tcp:{self.port}:interface=127.0.0.1",
+                "--ssh",
+                f"tcp:{self.ssh_port}:interface=127.0.0.1",
+            ],
+            stdout=open(self.log, "wb"),
+            stderr=subprocess.STDOUT,
+            cwd=work,
+        )
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -82,15 +99,20 @@ class Server:
                 if time.monotonic() > deadline:
                     raise SystemExit("server did not start") from None
                 time.sleep(0.1)
-        self.cli_env = {**ENV, "GITSTRATUM_URL": f"http://127.0.0.1:{self.port}",
-                        "GITSTRATUM_TOKEN": (self.data / "admin-token").read_text().strip()}
+        self.cli_env = {
+            **ENV,
+            "GITSTRATUM_URL": f"http://127.0.0.1:{self.port}",
+            "GITSTRATUM_TOKEN": (self.data / "admin-token").read_text().strip(),
+        }
         self.cli("user", "create", "bench")
         self.token = self.cli("token", "create", "bench").strip()
         key = work / "id_ed25519"
         sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key))
         self.cli("key", "add", "bench", str(key) + ".pub")
-        self.ssh = (f"ssh -i {key} -o IdentitiesOnly=yes -o UserKnownHostsFile={work}/known_hosts "
-                    f"-o StrictHostKeyChecking=accept-new -o LogLevel=ERROR -p {self.ssh_port}")
+        self.ssh = (
+            f"ssh -i {key} -o IdentitiesOnly=yes -o UserKnownHostsFile={work}/known_hosts "
+            f"-o StrictHostKeyChecking=accept-new -o LogLevel=ERROR -p {self.ssh_port}"
+        )
 
     def cli(self, *args: str) -> str:
         return sh(sys.executable, "-m", "gitstratum.cli", *args, env=self.cli_env)
@@ -98,8 +120,10 @@ class Server:
     def repo(self, name: str) -> tuple[str, str]:
         self.cli("repo", "create", name)
         self.cli("grant", "bench", name, "write")
-        return (f"http://bench:{self.token}@127.0.0.1:{self.port}/{name}.git",
-                f"ssh://git@127.0.0.1:{self.ssh_port}/{name}.git")
+        return (
+            f"http://bench:{self.token}@127.0.0.1:{self.port}/{name}.git",
+            f"ssh://git@127.0.0.1:{self.ssh_port}/{name}.git",
+        )
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -120,11 +144,23 @@ def clone_cpu(server: Server, url: str, n: int, env: dict) -> dict:
 
 
 def stream(server: Server, name: str, want: str, over_ssh: bool) -> dict:
-    body = (pkt("command=fetch\n") + pkt("object-format=sha1\n") + b"0001" + pkt("ofs-delta\n")
-            + pkt("no-progress\n") + pkt(f"want {want}\n") + pkt("done\n") + b"0000")
+    body = (
+        pkt("command=fetch\n")
+        + pkt("object-format=sha1\n")
+        + b"0001"
+        + pkt("ofs-delta\n")
+        + pkt("no-progress\n")
+        + pkt(f"want {want}\n")
+        + pkt("done\n")
+        + b"0000"
+    )
     if over_ssh:
-        args = server.ssh.split() + ["-o", "SetEnv=GIT_PROTOCOL=version=2", "git@127.0.0.1",
-                                     f"git-upload-pack '{name}.git'"]
+        args = server.ssh.split() + [
+            "-o",
+            "SetEnv=GIT_PROTOCOL=version=2",
+            "git@127.0.0.1",
+            f"git-upload-pack '{name}.git'",
+        ]
         proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=ENV)
         assert proc.stdin is not None and proc.stdout is not None
         # the v2 capability advertisement ends in a flush; then send the request
@@ -142,12 +178,20 @@ def stream(server: Server, name: str, want: str, over_ssh: bool) -> dict:
     else:
         import base64
         import http.client
+
         c = http.client.HTTPConnection("127.0.0.1", server.port, timeout=600)
         cred = base64.b64encode(f"bench:{server.token}".encode()).decode()
         t0 = time.perf_counter()
-        c.request("POST", f"/{name}.git/git-upload-pack", body=body, headers={
-            "Git-Protocol": "version=2", "Authorization": "Basic " + cred,
-            "Content-Type": "application/x-git-upload-pack-request"})
+        c.request(
+            "POST",
+            f"/{name}.git/git-upload-pack",
+            body=body,
+            headers={
+                "Git-Protocol": "version=2",
+                "Authorization": "Basic " + cred,
+                "Content-Type": "application/x-git-upload-pack-request",
+            },
+        )
         r = c.getresponse()
         total = 0
         while chunk := r.read(1 << 20):
@@ -157,7 +201,9 @@ def stream(server: Server, name: str, want: str, over_ssh: bool) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--files", type=int, default=3000)
     ap.add_argument("--commits", type=int, default=400)
     ap.add_argument("--clones", type=int, default=10)
@@ -169,8 +215,15 @@ def main() -> int:
     server = Server(work)
     try:
         src = work / "src.git"
-        sh(sys.executable, str(BENCH / "make_repo.py"), str(src), "--files", str(a.files),
-           "--commits", str(a.commits))
+        sh(
+            sys.executable,
+            str(BENCH / "make_repo.py"),
+            str(src),
+            "--files",
+            str(a.files),
+            "--commits",
+            str(a.commits),
+        )
         http_url, ssh_url = server.repo("acme/app")
         sh("git", "push", "-q", http_url, "--all", cwd=src)
         ssh_env = {**ENV, "GIT_SSH_COMMAND": server.ssh}
@@ -179,9 +232,13 @@ def main() -> int:
         clone_cpu(server, ssh_url, 1, ssh_env)
         h = clone_cpu(server, http_url, a.clones, ENV)
         s = clone_cpu(server, ssh_url, a.clones, ssh_env)
-        results["depth1"] = {"http": h, "ssh": s,
-                             "ssh_over_http_cpu": round(s["server_cpu_s_per_clone"]
-                                                        / h["server_cpu_s_per_clone"], 3)}
+        results["depth1"] = {
+            "http": h,
+            "ssh": s,
+            "ssh_over_http_cpu": round(
+                s["server_cpu_s_per_clone"] / h["server_cpu_s_per_clone"], 3
+            ),
+        }
         big = work / "big"
         sh("git", "init", "-q", "-b", "main", str(big))
         for i in range(max(1, a.stream_mb // 32)):
@@ -192,8 +249,10 @@ def main() -> int:
         sh("git", "-c", "core.bigFileThreshold=16m", "push", "-q", big_http, "main", cwd=big)
         want = sh("git", "rev-parse", "HEAD", cwd=big).strip()
         stream(server, "acme/big", want, over_ssh=True)  # warm the page cache
-        results["stream"] = {"ssh": stream(server, "acme/big", want, over_ssh=True),
-                             "http": stream(server, "acme/big", want, over_ssh=False)}
+        results["stream"] = {
+            "ssh": stream(server, "acme/big", want, over_ssh=True),
+            "http": stream(server, "acme/big", want, over_ssh=False),
+        }
         log = server.log.read_text(errors="replace")
         found = re.findall(r"(?:cipher|mac|kex)[^\n]{0,200}", log)
         results["negotiated"] = found[-1] if found else "not logged"

@@ -37,8 +37,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT.parent / "shared" / "bench"
-ENV = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_CONFIG_NOSYSTEM": "1",
-       "GIT_CONFIG_GLOBAL": os.devnull}
+ENV = {
+    **os.environ,
+    "GIT_TERMINAL_PROMPT": "0",
+    "GIT_CONFIG_NOSYSTEM": "1",
+    "GIT_CONFIG_GLOBAL": os.devnull,
+}
 
 
 def free_port() -> int:
@@ -71,18 +75,38 @@ class GitStratum:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "--pidfile=", "-n", "gitstratum-standalone",
-             "--data-dir", str(self.data), "--http", f"tcp:{self.port}:interface=127.0.0.1"],
-            stdout=open(work / "gs.log", "wb"), stderr=subprocess.STDOUT, cwd=work)
+            [
+                sys.executable,
+                "-c",
+                "from twisted.scripts.twistd import run; run()",
+                "--pidfile=",
+                "-n",
+                "gitstratum-standalone",
+                "--data-dir",
+                str(self.data),
+                "--http",
+                f"tcp:{self.port}:interface=127.0.0.1",
+            ],
+            stdout=open(work / "gs.log", "wb"),
+            stderr=subprocess.STDOUT,
+            cwd=work,
+        )
         wait_http(self.base + "/healthz")
-        self.cli_env = {**ENV, "GITSTRATUM_URL": self.base,
-                        "GITSTRATUM_TOKEN": (self.data / "admin-token").read_text().strip()}
+        self.cli_env = {
+            **ENV,
+            "GITSTRATUM_URL": self.base,
+            "GITSTRATUM_TOKEN": (self.data / "admin-token").read_text().strip(),
+        }
         self.cli("user", "create", "bench")
         self.token = self.cli("token", "create", "bench").strip()
 
     def cli(self, *args: str) -> str:
-        return subprocess.run([sys.executable, "-m", "gitstratum.cli", *args], env=self.cli_env,
-                              capture_output=True, check=True).stdout.decode()
+        return subprocess.run(
+            [sys.executable, "-m", "gitstratum.cli", *args],
+            env=self.cli_env,
+            capture_output=True,
+            check=True,
+        ).stdout.decode()
 
     def new_repo(self, name: str) -> str:
         self.cli("repo", "create", name)
@@ -100,8 +124,13 @@ class Baseline:
         self.root.mkdir()
         self.state = work / "baseline-state"
         self.port = free_port()
-        self.base = sh(str(BENCH / "baseline-http-backend"), "start", str(self.root), str(self.port),
-                       str(self.state)).strip()
+        self.base = sh(
+            str(BENCH / "baseline-http-backend"),
+            "start",
+            str(self.root),
+            str(self.port),
+            str(self.state),
+        ).strip()
 
     def new_repo(self, name: str, from_repo: Path | None = None) -> str:
         dst = self.root / f"{name}.git"
@@ -126,8 +155,19 @@ def timed_push(src: Path, url: str) -> float:
 
 
 def storm(url: str, depth: int, n: int, c: int, label: str, token: str | None = None) -> dict:
-    args = [sys.executable, str(BENCH / "clone_storm.py"), url, "--depth", str(depth), "-n", str(n),
-            "-c", str(c), "--label", label]
+    args = [
+        sys.executable,
+        str(BENCH / "clone_storm.py"),
+        url,
+        "--depth",
+        str(depth),
+        "-n",
+        str(n),
+        "-c",
+        str(c),
+        "--label",
+        label,
+    ]
     if token:
         args += ["--user", "bench", "--token", token]
     out = subprocess.run(args, capture_output=True, env=ENV, check=False)
@@ -162,7 +202,9 @@ def big_repo(work: Path, gb: float) -> Path:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--files", type=int, default=3000)
     ap.add_argument("--commits", type=int, default=400)
     ap.add_argument("--clones", type=int, default=20)
@@ -174,13 +216,22 @@ def main() -> int:
     work.chmod(0o755)  # nginx workers run unprivileged and must reach the baseline root
     results: dict = {"repo": {"files": a.files, "commits": a.commits}}
     src = work / "src.git"
-    sh(sys.executable, str(BENCH / "make_repo.py"), str(src), "--files", str(a.files),
-       "--commits", str(a.commits))
+    sh(
+        sys.executable,
+        str(BENCH / "make_repo.py"),
+        str(src),
+        "--files",
+        str(a.files),
+        "--commits",
+        str(a.commits),
+    )
     gs, base = GitStratum(work), Baseline(work)
     try:
         # 1. push wall time, into empty repositories
-        results["push_s"] = {"git": timed_push(src, base.new_repo("acme/pushed")),
-                             "gitstratum": timed_push(src, gs.new_repo("acme/pushed"))}
+        results["push_s"] = {
+            "git": timed_push(src, base.new_repo("acme/pushed")),
+            "gitstratum": timed_push(src, gs.new_repo("acme/pushed")),
+        }
         results["push_ratio"] = results["push_s"]["gitstratum"] / results["push_s"]["git"]
         # 2. cold clones, one at a time; the baseline serves the repack'd original
         base_url = base.new_repo("acme/app", from_repo=src)
@@ -189,9 +240,12 @@ def main() -> int:
             n = a.clones if depth else max(3, a.clones // 4)
             g = storm(base_url, depth, n, 1, f"git-{name}")
             s = storm(gs_url, depth, n, 1, f"gitstratum-{name}", token=gs.token)
-            results[name] = {"git": g, "gitstratum": s,
-                             "cpu_ratio": s["server_cpu_s_per_clone"] / g["server_cpu_s_per_clone"],
-                             "latency_ratio": s["latency_p50_s"] / g["latency_p50_s"]}
+            results[name] = {
+                "git": g,
+                "gitstratum": s,
+                "cpu_ratio": s["server_cpu_s_per_clone"] / g["server_cpu_s_per_clone"],
+                "latency_ratio": s["latency_p50_s"] / g["latency_p50_s"],
+            }
         # 3. RSS while streaming a pack over 1 GB
         if not a.skip_big:
             big = big_repo(work, a.big_gb)
@@ -211,9 +265,14 @@ def main() -> int:
             sh("git", "clone", "-q", "--bare", url, str(work / "big-clone.git"))
             stop.set()
             t.join()
-            size = sum(p.stat().st_size for p in (work / "big-clone.git" / "objects" / "pack").iterdir())
-            results["big_clone"] = {"pack_bytes": size, "seconds": time.perf_counter() - started,
-                                    "peak_rss_mb": max(peak) / 2**20}
+            size = sum(
+                p.stat().st_size for p in (work / "big-clone.git" / "objects" / "pack").iterdir()
+            )
+            results["big_clone"] = {
+                "pack_bytes": size,
+                "seconds": time.perf_counter() - started,
+                "peak_rss_mb": max(peak) / 2**20,
+            }
     finally:
         gs.stop()
         base.stop()

@@ -20,6 +20,7 @@ what building its entry took: the work the cache spared.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import attrs
@@ -30,6 +31,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    multiprocess,
 )
 from twisted.logger import Logger
 
@@ -161,8 +163,9 @@ class Metrics:
             self.pack_cache_prewarms.labels(outcome=outcome)
         self.pack_builds_in_progress = Gauge(
             "gitstratum_pack_builds_in_progress",
-            "Pack builds running or queued in this frontend process.",
+            "Pack builds running or queued in this frontend (summed over its workers).",
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.admission_rejected = Counter(
             "gitstratum_admission_rejected_total",
@@ -242,7 +245,17 @@ class Metrics:
             self.push_objects.inc(count)
 
     def render(self) -> tuple[bytes, str]:
-        """The Prometheus text exposition and its Content-Type, for ``GET /metrics``."""
+        """The Prometheus text exposition and its Content-Type, for ``GET /metrics``.
+
+        Under ``--workers`` (prometheus_client's multiprocess mode, set up by
+        the supervisor) every worker writes its values to shared files, and
+        whichever worker answers reports the sum over all of them.
+        """
+        shared = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if shared:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry, path=shared)
+            return generate_latest(registry), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
+import signal
 from typing import Any
 
 from twisted.application import strports
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService, MultiService, Service
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -18,6 +21,7 @@ from gitstratum.frontend.metrics import Metrics
 from gitstratum.frontend.service import build_frontend
 from gitstratum.frontend.ssh import host_key_fingerprints, load_or_create_host_keys
 from gitstratum.frontend.threads import thread_runner
+from gitstratum.standalone.workers import WorkerSupervisor, bind_tcp, parse_worker_fds
 from gitstratum.storage.lmdb_metadata import LMDBMetadataStore
 from gitstratum.storage.lmdb_objects import LMDBObjectStore
 
@@ -72,6 +76,14 @@ class Options(usage.Options):
         ],
         ["compression-level", None, 6, "zlib level for objects that must be recompressed.", int],
         ["threads", None, 8, "Worker threads for storage, packing and hashing.", int],
+        [
+            "workers",
+            None,
+            os.cpu_count() or 1,
+            "Worker processes sharing the listening sockets (tcp: endpoints only when > 1).",
+            int,
+        ],
+        ["worker-fds", None, None, "Internal: listening sockets inherited from the supervisor."],
         # -- the pack cache and admission control (issue 4) --
         ["pack-cache-dir", None, None, "Pack cache directory (default: DATA_DIR/pack-cache)."],
         [
@@ -191,14 +203,16 @@ class StandaloneService(MultiService):
         reactor: Any = self._reactor
         data_dir = os.path.abspath(self.options["data-dir"])
         os.makedirs(data_dir, exist_ok=True)
+        if self.options["workers"] > 1 and not self.options["worker-fds"]:
+            self._supervise(reactor, data_dir)
+            super().startService()
+            return
+        if self.options["worker-fds"]:
+            _die_with_parent()
         limits = self.options.limits()
         self.metadata = LMDBMetadataStore(os.path.join(data_dir, "metadata"))
         self.objects = LMDBObjectStore(os.path.join(data_dir, "objects"))
-        token_path = bootstrap_admin(self.metadata, data_dir)
-        if token_path is not None:
-            self.log.info("Created user 'admin'; its token is in {path}", path=token_path)
-        else:
-            self.log.info("Admin token: {path}", path=os.path.join(data_dir, "admin-token"))
+        self._bootstrap(self.metadata, data_dir)
         reactor.suggestThreadPoolSize(self.options["threads"])
         run = thread_runner(reactor, reactor.getThreadPool())
         spool_dir = os.path.join(data_dir, "spool")
@@ -231,11 +245,7 @@ class StandaloneService(MultiService):
             call_from_thread=reactor.callFromThread,
         )
         self.frontend = frontend
-        http = strports.service(
-            self.options["http"], frontend.site(spool_dir=spool_dir), reactor=reactor
-        )
-        http.setName("http")
-        http.setServiceParent(self)
+        self._listen("http", frontend.site(spool_dir=spool_dir), reactor)
         if self.options["ssh"] not in (None, "", "none"):
             host_keys = load_or_create_host_keys(data_dir)
             for kind, fingerprint in sorted(host_key_fingerprints(host_keys).items()):
@@ -250,17 +260,73 @@ class StandaloneService(MultiService):
                 max_auth_attempts=self.options["ssh-max-auth-attempts"],
                 clock=reactor,
             )
-            ssh = strports.service(self.options["ssh"], factory, reactor=reactor)
-            ssh.setName("ssh")
-            ssh.setServiceParent(self)
+            self._listen("ssh", factory, reactor)
         if self.options["git"]:
             daemon = frontend.git_daemon_factory(
                 request_timeout=self.options["git-request-timeout"], clock=reactor
             )
-            git = strports.service(self.options["git"], daemon, reactor=reactor)
-            git.setName("git")
-            git.setServiceParent(self)
+            self._listen("git", daemon, reactor)
         super().startService()
+
+    def _bootstrap(self, metadata: LMDBMetadataStore, data_dir: str) -> None:
+        token_path = bootstrap_admin(metadata, data_dir)
+        if token_path is not None:
+            self.log.info("Created user 'admin'; its token is in {path}", path=token_path)
+        else:
+            self.log.info("Admin token: {path}", path=os.path.join(data_dir, "admin-token"))
+
+    def _endpoints(self) -> dict[str, str]:
+        """The enabled services and their endpoint descriptions."""
+        out = {"http": self.options["http"]}
+        if self.options["ssh"] not in (None, "", "none"):
+            out["ssh"] = self.options["ssh"]
+        if self.options["git"]:
+            out["git"] = self.options["git"]
+        return out
+
+    def _listen(self, name: str, factory: Any, reactor: Any) -> None:
+        """Serve *factory* on the named endpoint, or on the socket a supervisor handed down."""
+        inherited = parse_worker_fds(self.options["worker-fds"] or "")
+        if name in inherited:
+            fd, family = inherited[name]
+            service: IService = _AdoptedPort(reactor, fd, family, factory)
+        else:
+            service = strports.service(self.options[name], factory, reactor=reactor)
+        service.setName(name)
+        service.setServiceParent(self)
+
+    def _supervise(self, reactor: Any, data_dir: str) -> None:
+        """Bind every endpoint, do the one-time start-up work, then run the workers."""
+        metadata = LMDBMetadataStore(os.path.join(data_dir, "metadata"))
+        try:
+            self._bootstrap(metadata, data_dir)
+        finally:
+            metadata.close()
+        endpoints = self._endpoints()
+        if "ssh" in endpoints:
+            load_or_create_host_keys(data_dir)  # once, before workers race to make them
+        sockets = {name: bind_tcp(desc) for name, desc in endpoints.items()}
+        argv = []
+        for name, value in sorted(self.options.items()):
+            if name in ("workers", "worker-fds") or value is None:
+                continue
+            if name == "data-dir":
+                value = data_dir
+            argv.append(f"--{name}={value}")
+        supervisor = WorkerSupervisor(
+            reactor=reactor,
+            count=self.options["workers"],
+            worker_argv=argv,
+            sockets=sockets,
+            metrics_dir=os.path.join(data_dir, "metrics"),
+        )
+        supervisor.setName("workers")
+        supervisor.setServiceParent(self)
+        self.log.info(
+            "Supervising {count} workers on {endpoints}",
+            count=self.options["workers"],
+            endpoints=", ".join(f"{k}={v}" for k, v in sorted(endpoints.items())),
+        )
 
     def stopService(self) -> Any:
         d = super().stopService()
@@ -275,6 +341,33 @@ class StandaloneService(MultiService):
             return result
 
         return d.addBoth(close)
+
+
+class _AdoptedPort(Service):
+    """Listens on a socket inherited from the supervisor, as strports.service would."""
+
+    def __init__(self, reactor: Any, fd: int, family: int, factory: Any):
+        self.reactor, self.fd, self.family, self.factory = reactor, fd, family, factory
+        self.port: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        self.port = self.reactor.adoptStreamPort(self.fd, self.family, self.factory)
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self.port is not None:
+            return self.port.stopListening()
+        return None
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to end this worker when its supervisor goes (a no-op elsewhere)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def makeService(options: Options) -> IService:

@@ -99,6 +99,8 @@ class Server:
                 f"tcp:{self.ssh_port}:interface=127.0.0.1",
                 "--git",
                 f"tcp:{self.git_port}:interface=127.0.0.1",
+                # one process unless a test asks for more (counts in /metrics stay simple)
+                *(() if "--workers" in extra else ("--workers", "1")),
                 *extra,
             ],
             stdout=log,

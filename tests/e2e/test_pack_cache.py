@@ -6,6 +6,7 @@ what ``/metrics`` says and by ``git fsck`` of what the clones received.
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -288,3 +289,35 @@ def test_git_daemon_refusal_is_an_err_line_git_prints(
         assert b"remote error: server busy: too many requests from this address" in refused.stderr
     finally:
         srv.stop()
+
+
+def test_two_workers_share_sockets_cache_and_metrics(tmp_path: Path, source: Path) -> None:
+    """--workers 2: both processes serve one port, an entry is built once across them, /metrics sums both."""
+    srv = start_server(tmp_path, "data", "--workers", "2", "--prewarm-refs", "none")
+    try:
+        url, token = populate(srv, source)
+        builds = metric(srv, "gitstratum_pack_cache_builds_total")
+
+        def clone(i: int) -> Path:
+            dst = tmp_path / f"w{i}"
+            git("clone", "-q", "--depth", "1", url, str(dst))
+            return dst
+
+        with ThreadPoolExecutor(24) as pool:
+            clones = list(pool.map(clone, range(24)))
+        assert metric(srv, "gitstratum_pack_cache_builds_total") - builds == 1
+        served = metric(srv, "gitstratum_pack_cache_hits_total") + metric(
+            srv, "gitstratum_pack_cache_followers_total"
+        )
+        assert served >= 23
+        for c in clones[:3]:
+            git("fsck", "--strict", cwd=c)
+        # every worker process that recorded a metric left its own file in the shared dir
+        pids = {p.stem.rsplit("_", 1)[-1] for p in (srv.data_dir / "metrics").glob("*.db")}
+        assert len(pids) >= 2, pids
+    finally:
+        srv.stop()
+    # stopping the supervisor ends its workers: the port is free again
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # only a listener blocks this
+        s.bind(("127.0.0.1", srv.port))
