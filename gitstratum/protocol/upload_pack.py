@@ -34,7 +34,6 @@ from gitstratum.core.pktline import (
     Special,
     pkt_line,
     pkt_lines,
-    sideband,
     strip_newline,
 )
 from gitstratum.storage.interfaces import RefSnapshot
@@ -824,5 +823,16 @@ PACKFILE_SECTION = pkt_line(b"packfile\n")
 
 
 def frame_band(band: int, data: bytes, max_payload: int = SIDEBAND_64K) -> bytes:
-    """*data* as side-band packets of *band*, at most *max_payload* data bytes each."""
-    return b"".join(sideband(band, data, max_payload))
+    """*data* as side-band packets of *band*, at most *max_payload* data bytes each.
+
+    One join over headers and memoryview slices: every cached pack byte goes
+    through here, so it is copied once, not once per packet and again to join.
+    """
+    view = memoryview(data)
+    size = len(view)
+    parts: list[bytes | memoryview] = []
+    for start in range(0, size, max_payload):
+        end = min(start + max_payload, size)
+        parts.append(b"%04x%c" % (end - start + 5, band))
+        parts.append(view[start:end])
+    return b"".join(parts)

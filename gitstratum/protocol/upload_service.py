@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import struct
 import threading
+import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Hashable, Iterator, Sequence
@@ -106,6 +107,8 @@ ENUMERATED_MESSAGE = b"Enumerating objects: %d, done.\n"
 REUSED_MESSAGE = b"Reusing cached pack: %d objects, done.\n"
 
 _log = Logger()
+
+_PREWARM_POLL = 0.05
 
 # signature, version, object count
 _PACK_HEADER = struct.Struct(">4sII")
@@ -372,6 +375,9 @@ class UploadPackService:
     admission: PackAdmission | None = None
     observer: PackCacheObserver | None = None
     adverts: AdvertisementCache = attrs.field(factory=AdvertisementCache)
+    #: how long a pre-warm waits for its depth-1 builds before starting the full ones
+    prewarm_wait: float = 120.0
+    sleep: Callable[[float], None] = time.sleep
     _builds: _BuildTracker = attrs.field(factory=_BuildTracker, init=False)
 
     def advertise(self, repo: Repository, *, version: int, http: bool) -> bytes:
@@ -544,19 +550,33 @@ class UploadPackService:
             # Every tip wants the same whole-repository clone: list it once.
             full += requests[2:] if i == 0 else requests[3:]
         outcomes: dict[str, CacheOutcome] = {}
-        for fetch in (*depth_one, *full):
-            shallow = compute_shallow(view, fetch, fetch.wants)
-            pack = self.normalise(view, PackRequest.of(fetch, fetch.wants, (), shallow))
-            key = self.pack_key(view, pack)
-            if key in outcomes:
-                continue
-            known = cache.contains(key) or self._builds.running(key)
-            if not known and self.admission is not None and not self.admission.may_build():
-                continue
-            # Builds run concurrently in the cache's pool: each gets a view of its own.
-            build_view = RepoView(self.metadata, repo, snapshot)
-            outcomes[key] = cache.warm(key, self._builder(key, build_view, pack))
+        for group in (depth_one, full):
+            started = []
+            for fetch in group:
+                shallow = compute_shallow(view, fetch, fetch.wants)
+                pack = self.normalise(view, PackRequest.of(fetch, fetch.wants, (), shallow))
+                key = self.pack_key(view, pack)
+                if key in outcomes:
+                    continue
+                known = cache.contains(key) or self._builds.running(key)
+                if not known and self.admission is not None and not self.admission.may_build():
+                    continue
+                # Builds run concurrently in the cache's pool: each gets a view of its own.
+                build_view = RepoView(self.metadata, repo, snapshot)
+                outcomes[key] = cache.warm(key, self._builder(key, build_view, pack))
+                started.append(key)
+            if group is depth_one:
+                # CI's first jobs ask for depth 1: let those builds have the cores
+                # before the (far larger) full clones start competing with them.
+                self._wait_for(cache, started)
         return outcomes
+
+    def _wait_for(self, cache: IPackCache, keys: Sequence[str]) -> None:
+        """Wait (in this worker thread) until none of *keys* is being built, or give up."""
+        for _ in range(int(self.prewarm_wait / _PREWARM_POLL)):
+            if not any(cache.building(k) for k in keys):
+                return
+            self.sleep(_PREWARM_POLL)
 
     def _pack_job(
         self, view: RepoView, pack: PackRequest, sideband: int, progress: bool, caller: Caller

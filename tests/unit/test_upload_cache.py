@@ -13,7 +13,7 @@ import io
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import pytest
@@ -529,6 +529,52 @@ def test_prewarm_covers_git_clone_and_clone_storm_fetches(rig: Rig) -> None:
     assert len(rig.enumerations) == enumerated
     assert rig.counter("gitstratum_pack_cache_hits_total") == 4
     assert rig.counter("gitstratum_pack_cache_misses_total") == 0
+
+
+def test_prewarm_finishes_depth_one_builds_before_starting_full_ones(rig: Rig) -> None:
+    """Full-clone warm-ups start only once no depth-1 warm-up is still building."""
+    events: list[str] = []
+    cache = rig.cache
+    real_warm, real_building = cache.warm, cache.building
+    polls = {"left": 3}
+
+    def warm(key: str, build: Any) -> CacheOutcome:
+        events.append(f"warm {key}")
+        return real_warm(key, build)
+
+    def building(key: str) -> bool:
+        # Report the depth-1 builds as still running for a few polls.
+        if polls["left"] > 0:
+            polls["left"] -= 1
+            return True
+        return real_building(key)
+
+    def sleep(seconds: float) -> None:
+        events.append("sleep")
+        cache.wait_builds()
+
+    rig.service.cache = cast(Any, attrs.evolve(_Proxy(cache), warm=warm, building=building))
+    rig.service.sleep = sleep
+    rig.service.prewarm(rig.repo, [b"refs/heads/main"])
+    cache.wait_builds()
+    warms = [i for i, e in enumerate(events) if e.startswith("warm")]
+    sleeps = [i for i, e in enumerate(events) if e == "sleep"]
+    assert len(warms) >= 3 and sleeps
+    depth_one = [i for i in warms if i < sleeps[0]]
+    full = [i for i in warms if i > sleeps[-1]]
+    assert depth_one and full and len(depth_one) + len(full) == len(warms)
+
+
+@attrs.define
+class _Proxy:
+    """A pack cache whose warm and building can be replaced, the rest passed through."""
+
+    inner: Any
+    warm: Any = None
+    building: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
 
 
 def test_prewarm_is_for_heads_branch_and_matching_refs_only(rig: Rig) -> None:
