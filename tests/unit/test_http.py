@@ -998,3 +998,28 @@ def test_store_failure_mid_pack_aborts_the_stream_and_counts_an_error(h: Harness
     assert len(failures) == 1
     labels = {"service": "upload-pack", "repo_class": "private", "outcome": "error"}
     assert h.metric("gitstratum_requests_total", **labels) == 1
+
+
+def test_pack_responses_raise_the_transport_send_limit() -> None:
+    """A streaming response lets its TCP transport send 4 MiB per call; other transports are left alone."""
+    from twisted.internet.abstract import FileDescriptor
+
+    from gitstratum.frontend.http import STREAM_SEND_LIMIT, _raise_send_limit
+
+    class Transport:
+        SEND_LIMIT = FileDescriptor.SEND_LIMIT
+
+    class Channel:
+        transport = Transport()
+
+    class Request:
+        channel = Channel()
+
+    request = Request()
+    _raise_send_limit(request)  # type: ignore[arg-type]
+    assert request.channel.transport.SEND_LIMIT == STREAM_SEND_LIMIT > FileDescriptor.SEND_LIMIT
+    assert Transport.SEND_LIMIT == FileDescriptor.SEND_LIMIT  # per transport, not global
+    bare = StringTransport()
+    channel = type("C", (), {"transport": bare})()
+    _raise_send_limit(type("R", (), {"channel": channel})())  # type: ignore[arg-type]
+    assert not hasattr(bare, "SEND_LIMIT")
