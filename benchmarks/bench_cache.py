@@ -15,8 +15,9 @@ nginx+fcgiwrap (../shared/bench/baseline-http-backend), with
 3. Streaming from the cache: MB/s of one warm full-clone response read by
    one client.
 4. The cold-then-warm curve: latency of each of the first 10 depth-1 clones
-   right after a push to main, on a server with pre-warm and on one
-   without (``--prewarm-refs none``).
+   after a push to main, on a server with pre-warm and on one without
+   (``--prewarm-refs none``): once starting right after the push, once after
+   ``--ci-delay`` seconds (the time a CI job takes to start).
 
 git gets the same requests (``--git-storm`` can shorten its storm: its
 rate is per clone and it costs seconds per clone).
@@ -207,8 +208,8 @@ def fetch_once(server: GitStratum, repo: str, want: str, depth: int) -> tuple[fl
     return time.perf_counter() - t0, total
 
 
-def curve(server: GitStratum, repo: str, url: str, work: Path) -> list[float]:
-    """Push one new commit to main, then time the first 10 depth-1 fetches of it."""
+def curve(server: GitStratum, repo: str, url: str, work: Path, delay: float = 0.0) -> list[float]:
+    """Push one new commit to main, wait *delay* s (CI start-up), then time 10 depth-1 fetches."""
     wt = work / f"wt-{server.port}"
     if not wt.exists():
         sh("git", "clone", "-q", "--depth", "1", url, str(wt))
@@ -217,6 +218,7 @@ def curve(server: GitStratum, repo: str, url: str, work: Path) -> list[float]:
     sh("git", "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-qm", "change", cwd=wt)
     sh("git", "push", "-q", url, "HEAD:main", cwd=wt)
     tip = sh("git", "rev-parse", "HEAD", cwd=wt).strip()
+    time.sleep(delay)
     return [round(fetch_once(server, repo, tip, 1)[0], 4) for _ in range(10)]
 
 
@@ -231,6 +233,12 @@ def main() -> int:
     ap.add_argument("--full-storm", type=int, default=100)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--server-args", default="", help="extra gitstratum-standalone options")
+    ap.add_argument(
+        "--ci-delay",
+        type=float,
+        default=3.0,
+        help="seconds between a push and the first CI clone, for the second curve",
+    )
     ap.add_argument("--out")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="gs-bench-cache-"))
@@ -296,6 +304,8 @@ def main() -> int:
         results["first_10_after_push_s"] = {
             "prewarm": curve(gs, "acme/app", url, work),
             "no_prewarm": curve(cold, "acme/app", cold_url, work),
+            f"prewarm_after_{a.ci_delay}s": curve(gs, "acme/app", url, work, a.ci_delay),
+            f"no_prewarm_after_{a.ci_delay}s": curve(cold, "acme/app", cold_url, work, a.ci_delay),
         }
     finally:
         gs.stop()
