@@ -29,153 +29,14 @@ import argparse
 import base64
 import http.client
 import json
-import os
 import shlex
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-BENCH = ROOT.parent / "shared" / "bench"
-ENV = {
-    **os.environ,
-    "GIT_TERMINAL_PROMPT": "0",
-    "GIT_CONFIG_NOSYSTEM": "1",
-    "GIT_CONFIG_GLOBAL": os.devnull,
-}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def sh(*args: str, cwd: str | Path | None = None, env: dict | None = None) -> str:
-    p = subprocess.run(args, cwd=cwd, env=env or ENV, capture_output=True, check=False)
-    if p.returncode:
-        raise SystemExit(f"{' '.join(map(str, args))} failed: {p.stderr.decode()[-2000:]}")
-    return p.stdout.decode()
-
-
-def pkt(s: str) -> bytes:
-    b = s.encode()
-    return b"%04x" % (len(b) + 4) + b
-
-
-class GitStratum:
-    def __init__(self, work: Path, name: str, extra: list[str]):
-        self.data = work / f"{name}-data"
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                "from twisted.scripts.twistd import run; run()",
-                "--pidfile=",
-                "-n",
-                "gitstratum-standalone",
-                "--data-dir",
-                str(self.data),
-                "--http",
-                f"tcp:{self.port}:interface=127.0.0.1",
-                "--ssh",
-                "none",
-                *extra,
-            ],
-            stdout=open(work / f"{name}.log", "wb"),
-            stderr=subprocess.STDOUT,
-            cwd=work,
-        )
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(self.base + "/healthz", timeout=2).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"{name} did not start") from None
-                time.sleep(0.1)
-        self.cli_env = {
-            **ENV,
-            "GITSTRATUM_URL": self.base,
-            "GITSTRATUM_TOKEN": (self.data / "admin-token").read_text().strip(),
-        }
-        self.cli("user", "create", "bench")
-        self.token = self.cli("token", "create", "bench").strip()
-
-    def cli(self, *args: str) -> str:
-        return sh(sys.executable, "-m", "gitstratum.cli", *args, env=self.cli_env)
-
-    def new_repo(self, name: str) -> str:
-        self.cli("repo", "create", name)
-        self.cli("grant", "bench", name, "write")
-        return f"http://bench:{self.token}@127.0.0.1:{self.port}/{name}.git"
-
-    def metrics(self) -> dict[str, float]:
-        text = urllib.request.urlopen(self.base + "/metrics", timeout=10).read().decode()
-        out: dict[str, float] = {}
-        for line in text.splitlines():
-            if line.startswith("gitstratum_pack_cache") and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                out[name] = out.get(name, 0.0) + float(value)
-        return out
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(30)
-
-
-class Baseline:
-    def __init__(self, work: Path):
-        self.root = work / "baseline-root"
-        self.root.mkdir()
-        self.state = work / "baseline-state"
-        self.base = sh(
-            str(BENCH / "baseline-http-backend"),
-            "start",
-            str(self.root),
-            str(free_port()),
-            str(self.state),
-        ).strip()
-
-    def serve(self, name: str, src: Path) -> str:
-        dst = self.root / f"{name}.git"
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(src, dst)
-        sh("chmod", "-R", "a+rwX", str(self.root))
-        return f"{self.base}/{name}.git"
-
-    def stop(self) -> None:
-        sh(str(BENCH / "baseline-http-backend"), "stop", str(self.state))
-
-
-def storm(url: str, depth: int, n: int, c: int, label: str, token: str | None = None) -> dict:
-    args = [
-        sys.executable,
-        str(BENCH / "clone_storm.py"),
-        url,
-        "--depth",
-        str(depth),
-        "-n",
-        str(n),
-        "-c",
-        str(c),
-        "--label",
-        label,
-    ]
-    if token:
-        args += ["--user", "bench", "--token", token]
-    out = subprocess.run(args, capture_output=True, env=ENV, check=False)
-    if out.returncode:
-        raise SystemExit(f"clone_storm {label} failed: {out.stderr.decode()[-2000:]}")
-    return json.loads(out.stdout.decode().strip().splitlines()[-1])
+from harness import BENCH, Baseline, GitStratum, pkt, sh, storm
 
 
 def fetch_once(server: GitStratum, repo: str, want: str, depth: int) -> tuple[float, int]:
@@ -242,7 +103,6 @@ def main() -> int:
     ap.add_argument("--out")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="gs-bench-cache-"))
-    work.chmod(0o755)  # nginx workers run unprivileged and must reach the baseline root
     extra = shlex.split(a.server_args)
     src = work / "src.git"
     t0 = time.perf_counter()
@@ -272,7 +132,7 @@ def main() -> int:
         results["push_s"] = round(time.perf_counter() - t0, 2)
         cold_url = cold.new_repo("acme/app")
         sh("git", "push", "-q", cold_url, "main", cwd=src)
-        git_url = base.serve("acme/app", src)
+        git_url = base.new_repo("acme/app", from_repo=src)
         gs_url = gs.base + "/acme/app.git"
         for depth, name, n, gn in (
             (1, "depth1", a.storm, a.git_storm),

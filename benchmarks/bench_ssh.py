@@ -22,36 +22,15 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-BENCH = ROOT.parent / "shared" / "bench"
-ENV = {
-    **os.environ,
-    "GIT_TERMINAL_PROMPT": "0",
-    "GIT_CONFIG_NOSYSTEM": "1",
-    "GIT_CONFIG_GLOBAL": os.devnull,
-}
+from harness import BENCH, ENV, GitStratum, free_port, pkt, sh
+
 TICK = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def sh(*args: str, cwd: str | Path | None = None, env: dict | None = None) -> str:
-    p = subprocess.run(args, cwd=cwd, env=env or ENV, capture_output=True, check=False)
-    if p.returncode:
-        raise SystemExit(f"{' '.join(map(str, args))} failed: {p.stderr.decode()[-2000:]}")
-    return p.stdout.decode()
 
 
 def process_cpu(pid: int) -> float:
@@ -60,52 +39,14 @@ def process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
 
 
-def pkt(s: str) -> bytes:
-    b = s.encode()
-    return b"%04x" % (len(b) + 4) + b
+class Server(GitStratum):
+    """GitStratum with SSH on, and 'bench' able to log in with a fresh ed25519 key."""
 
-
-class Server:
     def __init__(self, work: Path):
-        self.work = work
-        self.data = work / "gs-data"
-        self.port, self.ssh_port = free_port(), free_port()
-        self.log = work / "gs.log"
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                "from twisted.scripts.twistd import run; run()",
-                "--pidfile=",
-                "-n",
-                "gitstratum-standalone",
-                "--data-dir",
-                str(self.data),
-                "--http",
-                f"tcp:{self.port}:interface=127.0.0.1",
-                "--ssh",
-                f"tcp:{self.ssh_port}:interface=127.0.0.1",
-            ],
-            stdout=open(self.log, "wb"),
-            stderr=subprocess.STDOUT,
-            cwd=work,
-        )
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=2).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise SystemExit("server did not start") from None
-                time.sleep(0.1)
-        self.cli_env = {
-            **ENV,
-            "GITSTRATUM_URL": f"http://127.0.0.1:{self.port}",
-            "GITSTRATUM_TOKEN": (self.data / "admin-token").read_text().strip(),
-        }
-        self.cli("user", "create", "bench")
-        self.token = self.cli("token", "create", "bench").strip()
+        self.ssh_port = free_port()
+        # One process: the figures read that process's own CPU counters.
+        ssh = ("--ssh", f"tcp:{self.ssh_port}:interface=127.0.0.1", "--workers", "1")
+        super().__init__(work, "gs", ssh)
         key = work / "id_ed25519"
         sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key))
         self.cli("key", "add", "bench", str(key) + ".pub")
@@ -114,20 +55,8 @@ class Server:
             f"-o StrictHostKeyChecking=accept-new -o LogLevel=ERROR -p {self.ssh_port}"
         )
 
-    def cli(self, *args: str) -> str:
-        return sh(sys.executable, "-m", "gitstratum.cli", *args, env=self.cli_env)
-
     def repo(self, name: str) -> tuple[str, str]:
-        self.cli("repo", "create", name)
-        self.cli("grant", "bench", name, "write")
-        return (
-            f"http://bench:{self.token}@127.0.0.1:{self.port}/{name}.git",
-            f"ssh://git@127.0.0.1:{self.ssh_port}/{name}.git",
-        )
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(30)
+        return self.new_repo(name), f"ssh://git@127.0.0.1:{self.ssh_port}/{name}.git"
 
 
 def clone_cpu(server: Server, url: str, n: int, env: dict) -> dict:

@@ -25,126 +25,13 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-BENCH = ROOT.parent / "shared" / "bench"
-ENV = {
-    **os.environ,
-    "GIT_TERMINAL_PROMPT": "0",
-    "GIT_CONFIG_NOSYSTEM": "1",
-    "GIT_CONFIG_GLOBAL": os.devnull,
-}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def sh(*args: str, cwd: str | Path | None = None, quiet: bool = True) -> str:
-    p = subprocess.run(args, cwd=cwd, env=ENV, capture_output=quiet, check=False)
-    if p.returncode:
-        raise SystemExit(f"{' '.join(map(str, args))} failed: {p.stderr.decode() if quiet else ''}")
-    return p.stdout.decode() if quiet else ""
-
-
-def wait_http(url: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(url, timeout=2).read()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"{url} did not answer")
-
-
-class GitStratum:
-    def __init__(self, work: Path):
-        self.data = work / "gs-data"
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                "from twisted.scripts.twistd import run; run()",
-                "--pidfile=",
-                "-n",
-                "gitstratum-standalone",
-                "--data-dir",
-                str(self.data),
-                "--http",
-                f"tcp:{self.port}:interface=127.0.0.1",
-            ],
-            stdout=open(work / "gs.log", "wb"),
-            stderr=subprocess.STDOUT,
-            cwd=work,
-        )
-        wait_http(self.base + "/healthz")
-        self.cli_env = {
-            **ENV,
-            "GITSTRATUM_URL": self.base,
-            "GITSTRATUM_TOKEN": (self.data / "admin-token").read_text().strip(),
-        }
-        self.cli("user", "create", "bench")
-        self.token = self.cli("token", "create", "bench").strip()
-
-    def cli(self, *args: str) -> str:
-        return subprocess.run(
-            [sys.executable, "-m", "gitstratum.cli", *args],
-            env=self.cli_env,
-            capture_output=True,
-            check=True,
-        ).stdout.decode()
-
-    def new_repo(self, name: str) -> str:
-        self.cli("repo", "create", name)
-        self.cli("grant", "bench", name, "write")
-        return f"http://bench:{self.token}@127.0.0.1:{self.port}/{name}.git"
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(30)
-
-
-class Baseline:
-    def __init__(self, work: Path):
-        self.root = work / "baseline-root"
-        self.root.mkdir()
-        self.state = work / "baseline-state"
-        self.port = free_port()
-        self.base = sh(
-            str(BENCH / "baseline-http-backend"),
-            "start",
-            str(self.root),
-            str(self.port),
-            str(self.state),
-        ).strip()
-
-    def new_repo(self, name: str, from_repo: Path | None = None) -> str:
-        dst = self.root / f"{name}.git"
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if from_repo is not None:
-            shutil.copytree(from_repo, dst)
-        else:
-            sh("git", "init", "-q", "--bare", "--initial-branch=main", str(dst))
-        sh("git", "-C", str(dst), "config", "http.receivepack", "true")
-        sh("chmod", "-R", "a+rwX", str(self.root))
-        return f"{self.base}/{name}.git"
-
-    def stop(self) -> None:
-        sh(str(BENCH / "baseline-http-backend"), "stop", str(self.state))
+from harness import BENCH, Baseline, GitStratum, sh, storm
 
 
 def timed_push(src: Path, url: str) -> float:
@@ -152,28 +39,6 @@ def timed_push(src: Path, url: str) -> float:
     sh("git", "push", "-q", url, "--all", cwd=src)
     sh("git", "push", "-q", url, "--tags", cwd=src)
     return time.perf_counter() - t
-
-
-def storm(url: str, depth: int, n: int, c: int, label: str, token: str | None = None) -> dict:
-    args = [
-        sys.executable,
-        str(BENCH / "clone_storm.py"),
-        url,
-        "--depth",
-        str(depth),
-        "-n",
-        str(n),
-        "-c",
-        str(c),
-        "--label",
-        label,
-    ]
-    if token:
-        args += ["--user", "bench", "--token", token]
-    out = subprocess.run(args, capture_output=True, env=ENV, check=False)
-    if out.returncode:
-        raise SystemExit(f"clone_storm {label} failed: {out.stderr.decode()[-2000:]}")
-    return json.loads(out.stdout.decode().strip().splitlines()[-1])
 
 
 def rss_of(pid: int) -> int:
@@ -213,7 +78,6 @@ def main() -> int:
     ap.add_argument("--out")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="gs-bench-"))
-    work.chmod(0o755)  # nginx workers run unprivileged and must reach the baseline root
     results: dict = {"repo": {"files": a.files, "commits": a.commits}}
     src = work / "src.git"
     sh(
@@ -225,7 +89,8 @@ def main() -> int:
         "--commits",
         str(a.commits),
     )
-    gs, base = GitStratum(work), Baseline(work)
+    # One process: the RSS figure reads that process.
+    gs, base = GitStratum(work, extra=("--workers", "1")), Baseline(work)
     try:
         # 1. push wall time, into empty repositories
         results["push_s"] = {
