@@ -55,6 +55,7 @@ from gitstratum.storage.interfaces import Repository
 from gitstratum.storage.lmdb_metadata import LMDBMetadataStore
 from gitstratum.storage.lmdb_objects import LMDBObjectStore
 from gitstratum.testing.fixtures import GIT_ENV, git, import_git_repo, make_small_repo
+from gitstratum.testing.wire import Response, read_response
 
 AGENT = b"agent=git/2.39.5"
 
@@ -207,35 +208,8 @@ class HeldRunner:
 # -- reading what the server sent ---------------------------------------------------------
 
 
-@attrs.frozen
-class Reply:
-    lines: list[bytes]  # packets before the pack, without LF; "0000"/"0001" for the specials
-    pack: bytes
-    progress: bytes
-    fatal: bytes
-
-
-def read(data: bytes) -> Reply:
-    """Split server output into its pkt-lines and side-band streams (or a raw pack after them)."""
-    lines: list[bytes] = []
-    bands = {1: bytearray(), 2: bytearray(), 3: bytearray()}
-    pos = 0
-    while pos < len(data):
-        if data[pos : pos + 4] == b"PACK":
-            bands[1] += data[pos:]
-            break
-        n = int(data[pos : pos + 4], 16)
-        if n < 4:
-            lines.append(data[pos : pos + 4])
-            pos += 4
-            continue
-        payload = data[pos + 4 : pos + n]
-        pos += n
-        if payload[:1] in (b"\x01", b"\x02", b"\x03"):
-            bands[payload[0]] += payload[1:]
-        else:
-            lines.append(payload.rstrip(b"\n"))
-    return Reply(lines, bytes(bands[1]), bytes(bands[2]), bytes(bands[3]))
+Reply = Response
+read = read_response
 
 
 def after_advertisement(data: bytes) -> Reply:

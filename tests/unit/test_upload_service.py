@@ -27,6 +27,7 @@ from gitstratum.storage.interfaces import Repository
 from gitstratum.storage.lmdb_metadata import LMDBMetadataStore
 from gitstratum.storage.lmdb_objects import LMDBObjectStore
 from gitstratum.testing.fixtures import GitCommandError, git, import_git_repo, make_small_repo
+from gitstratum.testing.wire import Response, read_response
 
 # no thin-pack: the packs compared here are indexed on their own
 CAPS_V0 = b"multi_ack_detailed no-done side-band-64k no-progress ofs-delta agent=git/2.39.5"
@@ -86,35 +87,7 @@ def served(tmp_path_factory):
 # -- reading responses -------------------------------------------------------------
 
 
-@attrs.frozen
-class Response:
-    lines: list[bytes]  # every packet before the pack, without its LF; "0000"/"0001" for specials
-    pack: bytes
-    progress: bytes
-    fatal: bytes
-
-
-def read(data: bytes) -> Response:
-    """Split a response into its pkt-lines and side-band streams (or a raw pack after them)."""
-    lines: list[bytes] = []
-    bands = {1: bytearray(), 2: bytearray(), 3: bytearray()}
-    pos = 0
-    while pos < len(data):
-        if data[pos : pos + 4] == b"PACK":
-            bands[1] += data[pos:]
-            break
-        n = int(data[pos : pos + 4], 16)
-        if n < 4:
-            lines.append(data[pos : pos + 4])
-            pos += 4
-            continue
-        payload = data[pos + 4 : pos + n]
-        pos += n
-        if payload[:1] in (b"\x01", b"\x02", b"\x03"):
-            bands[payload[0]] += payload[1:]
-        else:
-            lines.append(payload.rstrip(b"\n"))
-    return Response(lines, bytes(bands[1]), bytes(bands[2]), bytes(bands[3]))
+read = read_response
 
 
 def pack_contents(pack: bytes, where: str) -> set[ObjectID]:
