@@ -122,6 +122,8 @@ class GitBackend:
     spool_dir: str | None = None
     #: seconds for the request log; injected so tests need no wall clock
     clock: Callable[[], float] = time.monotonic
+    #: schedules the idle check (``reactor.callLater``; a Clock's in tests)
+    call_later: Callable[..., Any] | None = None
 
 
 class _PackTooLarge(Exception):
@@ -245,6 +247,10 @@ class GitStreamProtocol(Protocol):
         self._nbytes = 0
         self._started = 0.0
         self._caller = Caller()
+        self._received_total = 0
+        self._pool_steps = 0  # blocking steps in flight: the server is working, not idle
+        self._idle_call: Any = None
+        self._idle_seen: tuple[int, int] = (0, 0)
 
     # -- Twisted's hooks ---------------------------------------------------------
 
@@ -260,8 +266,10 @@ class GitStreamProtocol(Protocol):
                 self._ready(_State.COMMAND)
             else:
                 self._call(self._upload_advertised, self._open_upload)
+        self._arm_idle()  # after the greeting, so the first period is the client's
 
     def dataReceived(self, data: bytes) -> None:
+        self._received_total += len(data)
         with self._guarded():
             self._received(data)
 
@@ -315,9 +323,61 @@ class GitStreamProtocol(Protocol):
     def _call(self, then: Callable[[_T], None], f: Callable[..., _T], *args: Any) -> None:
         """Run blocking *f* in the pool, then *then* with its result (unless the session ended)."""
         self._busy = True
+        self._pool_steps += 1
         d = self._backend.run(f, *args)
+        d.addBoth(self._step_done)
         d.addCallback(self._unless_finished, then)
         d.addErrback(self._failed)
+
+    def _step_done(self, result: Any) -> Any:
+        self._pool_steps -= 1
+        return result
+
+    # -- the idle limit -------------------------------------------------------------
+
+    def _progress(self) -> tuple[int, int]:
+        streamed = self._producer.written if self._producer is not None else 0
+        return self._received_total, self._nbytes + streamed
+
+    def _arm_idle(self) -> None:
+        """Check every ``idle_timeout`` s that bytes moved one way or the other.
+
+        A session is dropped between one and two periods after the last byte
+        moved, unless a blocking step (the server's own work) is in flight.
+        """
+        timeout = self._limits.idle_timeout
+        if timeout <= 0 or self._finished:
+            return
+        call_later = self._backend.call_later
+        if call_later is None:
+            from twisted.internet import reactor
+
+            call_later = reactor.callLater  # type: ignore[attr-defined]
+        self._idle_seen = self._progress()
+        self._idle_call = call_later(timeout, self._check_idle)
+
+    def _check_idle(self) -> None:
+        self._idle_call = None
+        if self._finished:
+            return
+        if self._pool_steps or self._progress() != self._idle_seen:
+            self._arm_idle()  # we were working, or bytes moved: not idle
+            return
+        seconds = self._limits.idle_timeout
+        self._log.info(
+            "{service} session for {repo} idle for {seconds} s; closing",
+            service=self._service,
+            repo=self._repo.name,
+            seconds=seconds,
+        )
+        if self._producer is None:
+            self._write(error_pkt(f"timeout: nothing received for {seconds:g} s"))
+        self._finish(128, "timeout")
+
+    def _cancel_idle(self) -> None:
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = None
 
     def _unless_finished(self, result: _T, then: Callable[[_T], None]) -> None:
         if not self._finished:
@@ -685,6 +745,7 @@ class GitStreamProtocol(Protocol):
         if self._finished:
             return
         self._finished = True
+        self._cancel_idle()
         self._state = _State.CLOSED
         if self._producer is not None:
             self._producer.stopProducing()

@@ -25,6 +25,7 @@ import attrs
 import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
@@ -78,9 +79,12 @@ class World:
     def new_repo(self) -> Repository:
         return self.metadata.create_repository(f"o/push-{next(self.names)}")
 
-    def backend(self, limits: Limits, run: BlockingRunner, spool_dir: str) -> GitBackend:
+    def backend(
+        self, limits: Limits, run: BlockingRunner, spool_dir: str, clock: Clock | None = None
+    ) -> GitBackend:
         ticks = itertools.count()
         return GitBackend(
+            call_later=(clock or Clock()).callLater,
             metadata=self.metadata,
             upload=UploadPackService(self.metadata, self.objects, limits),
             push=PushProcessor(self.metadata, self.objects, limits),
@@ -160,10 +164,11 @@ def connect(world, tmp_path):
         limits: Limits | None = None,
         run: BlockingRunner = inline_runner,
         transport: StringTransport | None = None,
+        clock: Clock | None = None,
     ) -> Session:
         spool_dir = tmp_path / "spool"
         spool_dir.mkdir(exist_ok=True)
-        backend = world.backend(limits or Limits(), run, str(spool_dir))
+        backend = world.backend(limits or Limits(), run, str(spool_dir), clock)
         statuses: list[int] = []
         protocol = GitStreamProtocol(
             backend,
@@ -352,6 +357,46 @@ def test_parse_have_round():
 
 
 # -- upload-pack v2 ---------------------------------------------------------------------------
+
+
+def test_a_silent_client_is_dropped_at_the_idle_timeout(connect):
+    """No byte from the client for idle_timeout seconds: ERR "timeout" and status 128."""
+    clock = Clock()
+    session = connect(version=2, limits=Limits(idle_timeout=30.0), clock=clock)
+    session.take()  # the advertisement
+    clock.advance(29)
+    assert session.status is None
+    clock.advance(1)
+    assert session.status == 128
+    assert b"ERR timeout" in session.take()
+    assert session.requests(service="upload-pack", repo_class="private", outcome="timeout") == 1
+
+
+def test_a_client_that_keeps_talking_is_not_idle(world, connect):
+    """Bytes arriving within each idle period keep the session open."""
+    clock = Clock()
+    session = connect(version=2, limits=Limits(idle_timeout=30.0), clock=clock)
+    for _ in range(4):
+        clock.advance(20)
+        session.send(v2_command("ls-refs"))
+        clock.advance(20)
+    assert session.status is None
+
+
+def test_server_work_in_the_pool_is_not_idleness(world, connect):
+    """A blocking step that outlasts the idle timeout (a big push, a long plan) is waited for."""
+    clock = Clock()
+    runner = HeldRunner()
+    session = connect(version=2, limits=Limits(idle_timeout=30.0), clock=clock, run=runner)
+    session.send(v2_command("ls-refs"))
+    clock.advance(100)  # the ls-refs step is still "running"
+    assert session.status is None
+    runner.drain()
+    assert b"refs/heads/main" in session.take()
+    clock.advance(30)  # checked once a period: the answer just went out, so not yet
+    assert session.status is None
+    clock.advance(30)  # a whole period with no byte either way
+    assert session.status == 128
 
 
 def test_v2_session_answers_commands_until_a_lone_flush(world, connect):
