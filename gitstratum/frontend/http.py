@@ -260,25 +260,35 @@ class GitHTTP:
         try:
             path = parse_git_path(request.path)
         except BadPath as e:
-            return self._plain(request, 400, str(e))
+            return self._refuse(request, 400, str(e), "bad_request")
         if path is None:
-            return self._plain(request, 404, "Not found")
+            return self._refuse(request, 404, "Not found", "not_found")
         if path.endpoint == b"dumb":
-            return self._plain(
+            return self._refuse(
                 request,
                 404,
                 "the dumb HTTP protocol is not supported; use a git client with smart HTTP",
+                "not_found",
+                repo=path.repo,
             )
         method = request.method
         if path.endpoint == b"info/refs":
             if method not in (b"GET", b"HEAD"):
-                return self._plain(request, 405, "Method not allowed")
+                return self._refuse(request, 405, "Method not allowed", "bad_request", path.repo)
             return await self._info_refs(request, path)
         if method != b"POST":
-            return self._plain(request, 405, "Method not allowed")
+            return self._refuse(request, 405, "Method not allowed", "bad_request", path.repo)
         if path.endpoint == b"git-upload-pack":
             return await self._upload_pack(request, path)
         return await self._receive_pack(request, path)
+
+    def _refuse(
+        self, request: IRequest, status: int, message: str, outcome: str, repo: str = "-"
+    ) -> bytes:
+        """Answer a request refused before it reached a service, with its log line and metric."""
+        ex = _Exchange(service="http", repo=repo, status=status, outcome=outcome)
+        self._finish(ex)
+        return self._plain(request, status, message)
 
     def _plain(self, request: IRequest, status: int, message: str) -> bytes:
         request.setResponseCode(status)

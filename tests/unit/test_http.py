@@ -494,10 +494,13 @@ def test_unsupported_service_is_403(h: Harness) -> None:
     ],
 )
 def test_path_traversal_is_400(h: Harness, path: str) -> None:
-    """Dot segments, encoded separators, empty segments and NULs are refused with 400."""
+    """Dot segments, encoded separators, empty segments and NULs are refused with 400, and counted."""
     reply = h.call("GET", path, user="writer")
     assert reply.code == 400
     assert "invalid repository path" in reply.text
+    registry = h.app.metrics.registry
+    labels = {"service": "http", "repo_class": "none", "outcome": "bad_request"}
+    assert registry.get_sample_value("gitstratum_requests_total", labels) == 1
 
 
 def test_unknown_paths_are_404(h: Harness) -> None:
