@@ -363,8 +363,7 @@ class GitHTTP:
         if service == b"git-upload-pack":
             body = await self.run(self.upload.advertise, repo, version=version, http=True)
         else:
-            snapshot = await self.run(self.metadata.get_refs, repo)
-            body = receive_pack.advertise(snapshot, http=True)
+            body = await self.run(self._push_advertisement, repo)
         request.setHeader(b"Content-Type", b"application/x-%s-advertisement" % service)
         for k, v in _NO_CACHE.items():
             request.setHeader(k, v)
@@ -487,6 +486,10 @@ class GitHTTP:
         ex.outcome = "ok" if ok else "rejected"
         self._finish(ex)
         return body
+
+    def _push_advertisement(self, repo: Repository) -> bytes:
+        """The refs a pusher sees (a worker thread: sorting every ref is not reactor work)."""
+        return receive_pack.advertise(self.metadata.get_refs(repo), http=True)
 
     def _push(self, repo: Repository, content: IO[bytes]) -> tuple[bytes, bool]:
         """Parse, ingest and report one push (runs in a worker thread)."""
