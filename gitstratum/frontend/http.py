@@ -195,6 +195,12 @@ def _raise_send_limit(request: IRequest) -> None:
         transport.SEND_LIMIT = STREAM_SEND_LIMIT
 
 
+def _abort(request: IRequest) -> None:
+    transport = getattr(getattr(request, "channel", None), "transport", None)
+    if transport is not None:
+        transport.abortConnection()
+
+
 def _client_host(request: IRequest) -> str | None:
     """The client's IP address, for per-IP rate limits (forwarding headers are not trusted)."""
     return getattr(request.getClientAddress(), "host", None)
@@ -229,6 +235,8 @@ class GitHTTP:
     spool_dir: str | None = None
     app: Klein = attrs.field(factory=Klein)
     monotonic: Callable[[], float] = time.monotonic
+    #: schedules stall checks of pack streams (``reactor.callLater`` when None)
+    call_later: Callable[..., Any] | None = None
 
     log = Logger()
 
@@ -436,7 +444,16 @@ class GitHTTP:
             request.setHeader(k, v)
         iterator = self.upload.send(planned)
         _raise_send_limit(request)
-        producer = ThreadedIteratorProducer(cast(IConsumer, request), iterator, self.run)
+        # twisted.web suspends its idle timeout while a request is answered, so a
+        # client that stops reading would park this stream (and what it holds) forever.
+        producer = ThreadedIteratorProducer(
+            cast(IConsumer, request),
+            iterator,
+            self.run,
+            stall_timeout=self.limits.idle_timeout,
+            call_later=self.call_later,
+            on_stall=lambda: _abort(request),
+        )
         try:
             ex.nbytes = await producer.start()
         except Exception:
@@ -448,7 +465,9 @@ class GitHTTP:
             # to the client like a complete (if truncated) response.
             cast(Any, request).channel.transport.abortConnection()
             return None
-        if producer.stopped:
+        if producer.stalled:
+            ex.outcome = "timeout"
+        elif producer.stopped:
             ex.outcome = "disconnected"
         self._finish(ex)
         return None

@@ -76,6 +76,16 @@ class ThreadedIteratorProducer:
     #: True when the consumer stopped the stream (a client that went away)
     stopped: bool = False
     _looping: bool = False
+    #: seconds the consumer may stay paused before the stream is given up
+    #: (a client that stopped reading); None for no limit
+    stall_timeout: float | None = None
+    #: schedules the stall check (``reactor.callLater``; a Clock's in tests)
+    call_later: Callable[..., Any] | None = None
+    #: called when the stall limit ends the stream (e.g. to abort the connection)
+    on_stall: Callable[[], None] | None = None
+    #: True when the stall limit ended the stream
+    stalled: bool = False
+    _stall_call: Any = None
 
     _log = Logger()
 
@@ -125,6 +135,7 @@ class ThreadedIteratorProducer:
         self.done.errback(failure)
 
     def _finish(self) -> None:
+        self._cancel_stall()
         self._finished = True
         self.consumer.unregisterProducer()
         self.done.callback(self.written)
@@ -139,12 +150,40 @@ class ThreadedIteratorProducer:
 
     def pauseProducing(self) -> None:
         self._paused = True
+        if self.stall_timeout is not None and self._stall_call is None and not self._finished:
+            call_later = self.call_later
+            if call_later is None:
+                from twisted.internet import reactor
+
+                call_later = reactor.callLater  # type: ignore[attr-defined]
+            self._stall_call = call_later(self.stall_timeout, self._stall)
 
     def resumeProducing(self) -> None:
         self._paused = False
+        self._cancel_stall()
         self._pull()
 
+    def _cancel_stall(self) -> None:
+        if self._stall_call is not None and self._stall_call.active():
+            self._stall_call.cancel()
+        self._stall_call = None
+
+    def _stall(self) -> None:
+        """The consumer stayed paused for stall_timeout: give the stream up."""
+        self._stall_call = None
+        if not self._paused or self._finished:
+            return
+        self._log.info(
+            "consumer paused for {seconds} s; giving up the stream", seconds=self.stall_timeout
+        )
+        self.stalled = True
+        self.consumer.unregisterProducer()
+        self.stopProducing()
+        if self.on_stall is not None:
+            self.on_stall()
+
     def stopProducing(self) -> None:
+        self._cancel_stall()
         if self._finished:
             return
         self._finished = True

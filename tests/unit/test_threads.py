@@ -521,3 +521,51 @@ def test_producer_over_thread_runner_pulls_every_chunk_in_a_pool_thread() -> Non
     assert len(seen_on) == 4
     assert threading.get_ident() not in seen_on
     assert len(submitted) == 4  # three chunks and the end, one pull each
+
+
+def test_a_consumer_paused_past_the_stall_timeout_ends_the_stream() -> None:
+    """Paused for stall_timeout (a client that stopped reading): stream stopped, on_stall called."""
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    runner = ManualRunner()
+    consumer = StringTransport()
+    source = Source([b"a", b"b", b"c"])
+    stalls: list[bool] = []
+    p = ThreadedIteratorProducer(
+        consumer,
+        source.generate(),
+        runner,
+        stall_timeout=30.0,
+        call_later=clock.callLater,
+        on_stall=lambda: stalls.append(True),
+    )
+    done = outcome(p.start())
+    runner.step()  # "a" is written and the next pull starts
+    p.pauseProducing()  # the client stops reading
+    runner.step()  # the pull in flight returns "b"; nothing more is pulled
+    clock.advance(29)
+    assert not p.stalled and done == []
+    clock.advance(1)
+    assert p.stalled and stalls == [True]
+    assert done == [2] and consumer.value() == b"ab"
+    runner.drain()  # the generator is closed in the runner
+    assert source.closed
+
+
+def test_resuming_before_the_stall_timeout_keeps_the_stream() -> None:
+    """A consumer that resumes in time is not given up, and no stall check is left behind."""
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    consumer = StringTransport()
+    p = ThreadedIteratorProducer(
+        consumer, iter([b"a", b"b"]), inline_runner, stall_timeout=30.0, call_later=clock.callLater
+    )
+    p.pauseProducing()
+    done = outcome(p.start())
+    clock.advance(20)
+    p.resumeProducing()
+    clock.advance(60)
+    assert not p.stalled and done == [2] and consumer.value() == b"ab"
+    assert clock.getDelayedCalls() == []
