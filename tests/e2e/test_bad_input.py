@@ -199,15 +199,21 @@ def test_corrupt_and_truncated_packs(server: Server, ci_token: str, target: dict
     unchanged(server, target)
 
 
+def blob_id(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
 def test_delta_cycle_and_missing_base(server: Server, ci_token: str, target: dict) -> None:
-    """Deltas that refer to each other, or to a base nobody has, are refused."""
-    a, b = "a" * 40, "b" * 40
+    """Two deltas that are each other's base are a delta cycle; a base nobody has is missing."""
+    # Insert-only deltas ignore their base, so each one's id is known: a real cycle.
+    a, b = blob_id(b"xyz"), blob_id(b"abc")
     cycle = raw_pack([ref_delta(b, insert_delta(3, b"xyz")), ref_delta(a, insert_delta(3, b"abc"))])
     missing = raw_pack([ref_delta("c" * 40, insert_delta(3, b"xyz"))])
-    for pack in (cycle, missing):
+    for pack, reason in ((cycle, b"delta cycle"), (missing, b"missing bases")):
         status, data = receive(server, ci_token, push_body([(ZERO, a, "refs/heads/junk")], pack))
         assert status < 500
         assert b"unpack ok" not in data and b"ng refs/heads/junk" in data, data
+        assert reason in data, data
     unchanged(server, target)
 
 
