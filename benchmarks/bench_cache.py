@@ -26,17 +26,13 @@ rate is per clone and it costs seconds per clone).
 from __future__ import annotations
 
 import argparse
-import base64
-import http.client
-import json
 import shlex
-import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from harness import BENCH, Baseline, GitStratum, pkt, sh, storm
+from harness import BENCH, Baseline, GitStratum, http_fetch, pkt, report, sh, storm
 
 
 def fetch_once(server: GitStratum, repo: str, want: str, depth: int) -> tuple[float, int]:
@@ -48,25 +44,7 @@ def fetch_once(server: GitStratum, repo: str, want: str, depth: int) -> tuple[fl
     if depth:
         body += pkt(f"deepen {depth}\n")
     body += pkt(f"want {want}\n") + pkt("done\n") + b"0000"
-    cred = base64.b64encode(f"bench:{server.token}".encode()).decode()
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=600)
-    t0 = time.perf_counter()
-    conn.request(
-        "POST",
-        f"/{repo}.git/git-upload-pack",
-        body=body,
-        headers={
-            "Git-Protocol": "version=2",
-            "Authorization": "Basic " + cred,
-            "Content-Type": "application/x-git-upload-pack-request",
-        },
-    )
-    resp = conn.getresponse()
-    total = 0
-    while chunk := resp.read(1 << 20):
-        total += len(chunk)
-    conn.close()
-    return time.perf_counter() - t0, total
+    return http_fetch(server, repo, body)
 
 
 def curve(server: GitStratum, repo: str, url: str, work: Path, delay: float = 0.0) -> list[float]:
@@ -171,11 +149,7 @@ def main() -> int:
         gs.stop()
         cold.stop()
         base.stop()
-    print(json.dumps(results, indent=2))
-    if a.out:
-        Path(a.out).write_text(json.dumps(results, indent=2))
-    shutil.rmtree(work, ignore_errors=True)
-    return 0
+    return report(results, a.out, work)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -28,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import BENCH, ENV, GitStratum, free_port, pkt, sh
+from harness import BENCH, ENV, GitStratum, free_port, http_fetch, pkt, report, sh
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -105,27 +104,7 @@ def stream(server: Server, name: str, want: str, over_ssh: bool) -> dict:
         wall = time.perf_counter() - t0
         proc.wait()
     else:
-        import base64
-        import http.client
-
-        c = http.client.HTTPConnection("127.0.0.1", server.port, timeout=600)
-        cred = base64.b64encode(f"bench:{server.token}".encode()).decode()
-        t0 = time.perf_counter()
-        c.request(
-            "POST",
-            f"/{name}.git/git-upload-pack",
-            body=body,
-            headers={
-                "Git-Protocol": "version=2",
-                "Authorization": "Basic " + cred,
-                "Content-Type": "application/x-git-upload-pack-request",
-            },
-        )
-        r = c.getresponse()
-        total = 0
-        while chunk := r.read(1 << 20):
-            total += len(chunk)
-        wall = time.perf_counter() - t0
+        wall, total = http_fetch(server, name, body)
     return {"bytes": total, "seconds": round(wall, 3), "mb_per_s": round(total / wall / 1e6, 1)}
 
 
@@ -187,11 +166,7 @@ def main() -> int:
         results["negotiated"] = found[-1] if found else "not logged"
     finally:
         server.stop()
-    print(json.dumps(results, indent=2))
-    if a.out:
-        Path(a.out).write_text(json.dumps(results, indent=2))
-    shutil.rmtree(work, ignore_errors=True)
-    return 0
+    return report(results, a.out, work)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ baseline, and ../shared/bench beside the checkout.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -31,7 +30,7 @@ import threading
 import time
 from pathlib import Path
 
-from harness import BENCH, Baseline, GitStratum, sh, storm
+from harness import BENCH, Baseline, GitStratum, report, sh, storm
 
 
 def timed_push(src: Path, url: str) -> float:
@@ -141,11 +140,7 @@ def main() -> int:
     finally:
         gs.stop()
         base.stop()
-    print(json.dumps(results, indent=2))
-    if a.out:
-        Path(a.out).write_text(json.dumps(results, indent=2))
-    shutil.rmtree(work, ignore_errors=True)
-    return 0
+    return report(results, a.out, work)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ directory is on ``sys.path``). Everything runs on loopback.
 
 from __future__ import annotations
 
+import base64
+import http.client
 import json
 import os
 import shutil
@@ -172,3 +174,36 @@ def storm(url: str, depth: int, n: int, c: int, label: str, token: str | None = 
     if out.returncode:
         raise SystemExit(f"clone_storm {label} failed: {out.stderr.decode()[-2000:]}")
     return json.loads(out.stdout.decode().strip().splitlines()[-1])
+
+
+def http_fetch(server: GitStratum, repo: str, body: bytes) -> tuple[float, int]:
+    """One protocol-v2 upload-pack POST read to the end: (seconds, response bytes)."""
+    cred = base64.b64encode(f"bench:{server.token}".encode()).decode()
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=600)
+    t0 = time.perf_counter()
+    conn.request(
+        "POST",
+        f"/{repo}.git/git-upload-pack",
+        body=body,
+        headers={
+            "Git-Protocol": "version=2",
+            "Authorization": "Basic " + cred,
+            "Content-Type": "application/x-git-upload-pack-request",
+        },
+    )
+    resp = conn.getresponse()
+    total = 0
+    while chunk := resp.read(1 << 20):
+        total += len(chunk)
+    conn.close()
+    return time.perf_counter() - t0, total
+
+
+def report(results: dict, out: str | None, work: Path) -> int:
+    """Print the results (and write them to *out*), remove the work directory."""
+    text = json.dumps(results, indent=2)
+    print(text)
+    if out:
+        Path(out).write_text(text)
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
