@@ -39,6 +39,8 @@ __all__ = [
     "make_small_repo",
     "import_git_repo",
     "generation_numbers",
+    "text_blob",
+    "edit_blob",
 ]
 
 #: The environment every ``git`` call runs with: a fixed identity and clock, and
@@ -204,6 +206,23 @@ def make_small_repo(
         fi.lightweight_tag("v0.1", main_marks[0])
     git("fast-import", "--quiet", "--done", cwd=path, input=fi.stream())
     return path
+
+
+def text_blob(seed: int, lines: int = 60) -> bytes:
+    """Deterministic text of *lines* numbered lines: delta-friendly test data."""
+    rng = random.Random(seed)
+    return b"".join(
+        b"%d %s\n" % (i, bytes(rng.choice(b"abcdefgh") for _ in range(30))) for i in range(lines)
+    )
+
+
+def edit_blob(body: bytes, seed: int) -> bytes:
+    """*body* with three of its lines replaced, deterministically (a small delta away)."""
+    rng = random.Random(seed)
+    lines = body.splitlines(keepends=True)
+    for _ in range(3):
+        lines[rng.randrange(len(lines))] = b"edited %d\n" % rng.randrange(10**6)
+    return b"".join(lines)
 
 
 def generation_numbers(parents: Mapping[ObjectID, tuple[ObjectID, ...]]) -> dict[ObjectID, int]:

@@ -34,6 +34,7 @@ from gitstratum.core.objects import ObjectType, PackReadyObject
 from gitstratum.core.oid import ObjectID, from_bin, to_bin
 from gitstratum.protocol.packgen import BodyCache, resolve_object
 from gitstratum.storage.lmdb_objects import LMDBObjectStore
+from gitstratum.testing.fixtures import edit_blob, text_blob
 
 LIMITS = Limits()
 BLOB = ObjectType.BLOB
@@ -134,19 +135,8 @@ def index(pack: bytes, limits: Limits = LIMITS, lookup=None, **kw) -> tuple[Inde
     return result, seen
 
 
-def text(seed: int, lines: int = 60) -> bytes:
-    rng = random.Random(seed)
-    return b"".join(
-        b"%d %s\n" % (i, bytes(rng.choice(b"abcdefgh") for _ in range(30))) for i in range(lines)
-    )
-
-
-def edit(body: bytes, seed: int) -> bytes:
-    rng = random.Random(seed)
-    lines = body.splitlines(keepends=True)
-    for _ in range(3):
-        lines[rng.randrange(len(lines))] = b"edited %d\n" % rng.randrange(10**6)
-    return b"".join(lines)
+text = text_blob
+edit = edit_blob
 
 
 # -- a real repository, packed by git -----------------------------------------------

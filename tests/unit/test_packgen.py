@@ -31,6 +31,7 @@ from gitstratum.protocol.packgen import (
 )
 from gitstratum.storage.interfaces import IObjectStore, ObjectStat
 from gitstratum.storage.lmdb_objects import LMDBObjectStore
+from gitstratum.testing.fixtures import edit_blob, text_blob
 
 
 def git(*args: str, cwd: Path, input: bytes | None = None) -> bytes:
@@ -39,19 +40,8 @@ def git(*args: str, cwd: Path, input: bytes | None = None) -> bytes:
     ).stdout
 
 
-def text(seed: int, lines: int = 60) -> bytes:
-    rng = random.Random(seed)
-    return b"".join(
-        b"%d %s\n" % (i, bytes(rng.choice(b"abcdefgh") for _ in range(30))) for i in range(lines)
-    )
-
-
-def edit(body: bytes, seed: int) -> bytes:
-    rng = random.Random(seed)
-    lines = body.splitlines(keepends=True)
-    for _ in range(3):
-        lines[rng.randrange(len(lines))] = b"edited %d\n" % rng.randrange(10**6)
-    return b"".join(lines)
+text = text_blob
+edit = edit_blob
 
 
 @pytest.fixture(scope="module")
