@@ -482,6 +482,8 @@ class DiskPackCache:
             entry.build_seconds,
             source=self._read_file(fd, 0, size),
             release=lambda: os.close(fd),
+            fileno=fd,
+            on_served=lambda n: self._emit("bytes_served", n),
         )
 
     def _read_file(self, fd: int, pos: int, size: int) -> Iterator[bytes]:

@@ -69,6 +69,11 @@ class CachedPack:
     ``close()`` (or closing the generator) releases file handles; it never
     cancels a build others may be following.  Implementations build one
     from a byte source and a release callback.
+
+    A complete entry that is a local file may also offer ``fileno`` (open
+    until ``close()``), so the frontend can ``sendfile`` it instead of
+    reading ``chunks()``; whoever does so reports the bytes it sent through
+    ``served``.
     """
 
     outcome: CacheOutcome
@@ -76,6 +81,8 @@ class CachedPack:
     build_seconds: float | None
     _source: Iterator[bytes]
     _release: Callable[[], None] | None = None
+    fileno: int | None = None
+    _on_served: Callable[[int], None] | None = None
     _taken: bool = attrs.field(default=False, init=False)
     _closed: bool = attrs.field(default=False, init=False)
 
@@ -91,6 +98,11 @@ class CachedPack:
             yield from self._source
         finally:
             self.close()
+
+    def served(self, nbytes: int) -> None:
+        """Account *nbytes* of the entry sent without ``chunks()`` (from ``fileno``)."""
+        if self._on_served is not None:
+            self._on_served(nbytes)
 
     def close(self) -> None:
         """Release what the pack holds (idempotent)."""

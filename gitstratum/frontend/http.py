@@ -31,6 +31,7 @@ from gitstratum.frontend.admission import Overloaded
 from gitstratum.frontend.auth import Authorizer
 from gitstratum.frontend.metrics import Metrics, log_request
 from gitstratum.frontend.paths import BadPath, GitPath, parse_git_path
+from gitstratum.frontend.sendfile import SendfileProducer, direct_socket
 from gitstratum.frontend.threads import BlockingRunner, ThreadedIteratorProducer
 from gitstratum.protocol import receive_pack
 from gitstratum.protocol.ingest import PushProcessor
@@ -237,6 +238,8 @@ class GitHTTP:
     monotonic: Callable[[], float] = time.monotonic
     #: schedules stall checks of pack streams (``reactor.callLater`` when None)
     call_later: Callable[..., Any] | None = None
+    #: send complete cache entries with sendfile on plain TCP connections
+    sendfile: bool = True
 
     log = Logger()
 
@@ -439,23 +442,55 @@ class GitHTTP:
         except UploadPackError as e:
             planned = PlannedResponse(error_pkt(str(e)))
             ex.outcome = "bad_request"
+        try:
+            opened = await self.run(self.upload.open, planned)
+        except Exception:
+            self.log.failure("upload-pack could not open the pack for {repo}", repo=path.repo)
+            ex.status, ex.outcome = 500, "error"
+            self._finish(ex)
+            return self._plain(request, 500, "internal server error")
         request.setHeader(b"Content-Type", b"application/x-git-upload-pack-result")
         for k, v in _NO_CACHE.items():
             request.setHeader(k, v)
-        iterator = self.upload.send(planned)
+        if opened.length is not None:
+            # A cache hit's size is known: no chunked framing to build and
+            # parse around every pack byte.
+            request.setHeader(b"Content-Length", b"%d" % opened.length)
         _raise_send_limit(request)
+        transport = cast(Any, request).channel.transport
+        sock = direct_socket(transport) if opened.file is not None and self.sendfile else None
         # twisted.web suspends its idle timeout while a request is answered, so a
         # client that stops reading would park this stream (and what it holds) forever.
-        producer = ThreadedIteratorProducer(
-            cast(IConsumer, request),
-            iterator,
-            self.run,
-            stall_timeout=self.limits.idle_timeout,
-            call_later=self.call_later,
-            on_stall=lambda: _abort(request),
-        )
+        producer: SendfileProducer | ThreadedIteratorProducer
+        if sock is not None:
+            assert opened.file is not None
+            producer = SendfileProducer(
+                cast(IConsumer, request),
+                transport,
+                sock,
+                opened.file,
+                self.run,
+                stall_timeout=self.limits.idle_timeout,
+                call_later=self.call_later,
+                on_stall=lambda: _abort(request),
+            )
+        else:
+            producer = ThreadedIteratorProducer(
+                cast(IConsumer, request),
+                opened.chunks,
+                self.run,
+                stall_timeout=self.limits.idle_timeout,
+                call_later=self.call_later,
+                on_stall=lambda: _abort(request),
+            )
         try:
-            ex.nbytes = await producer.start()
+            try:
+                ex.nbytes = await producer.start()
+            finally:
+                if sock is not None:
+                    # The stream is over; the entry's file can go (the iterator
+                    # producer closes its iterator itself).
+                    await self.run(opened.chunks.close)
         except Exception:
             # The response has started; all we can do is log and cut the stream.
             self.log.failure("upload-pack failed for {repo}", repo=path.repo)

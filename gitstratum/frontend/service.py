@@ -132,6 +132,7 @@ def build_frontend(
     clock: Callable[[], float] | None = None,
     prewarm_refs: Sequence[str] | None = None,
     call_from_thread: Callable[..., object] = _call_inline,
+    sendfile: bool = True,
 ) -> Frontend:
     """Wire the engines, auth, admin API and metrics once for every transport.
 
@@ -141,7 +142,8 @@ def build_frontend(
     *prewarm_refs* turns pre-warm on push on (HEAD's branch, plus refs
     matching these globs; None leaves it off), with *call_from_thread* to
     reach the reactor from a push's worker thread (the default calls
-    inline, for tests with an inline runner).
+    inline, for tests with an inline runner).  *sendfile* lets HTTP send
+    complete cache entries straight from their files.
     """
     authorizer = Authorizer(metadata)
     metrics = metrics or Metrics()
@@ -200,6 +202,7 @@ def build_frontend(
         run=run,
         limits=limits,
         spool_dir=spool_dir,
+        sendfile=sendfile,
     )
     return Frontend(backend=backend, authorizer=authorizer, http=http)
 

@@ -52,9 +52,73 @@ def _next_chunk(it: Iterator[bytes]) -> object:
     return next(it, _DONE)
 
 
+@attrs.define(eq=False)
+class StallLimitedProducer:
+    """What every pack-stream producer shares: pause, resume, and giving up a stalled consumer.
+
+    twisted.web suspends its idle timeout while a response is written, so a
+    client that stops reading would park a stream (and what it holds)
+    forever: ``stall_timeout`` seconds paused and the stream is stopped,
+    ``stalled`` set and ``on_stall`` called (e.g. to abort the connection).
+    """
+
+    consumer: IConsumer
+    #: seconds the consumer may stay paused before the stream is given up; None for no limit
+    stall_timeout: float | None = attrs.field(default=None, kw_only=True)
+    #: schedules the stall check (``reactor.callLater``; a Clock's in tests)
+    call_later: Callable[..., Any] | None = attrs.field(default=None, kw_only=True)
+    #: called when the stall limit ends the stream
+    on_stall: Callable[[], None] | None = attrs.field(default=None, kw_only=True)
+    #: True when the stall limit ended the stream
+    stalled: bool = attrs.field(default=False, kw_only=True)
+    #: True when the consumer stopped the stream (a client that went away)
+    stopped: bool = attrs.field(default=False, kw_only=True)
+    _paused: bool = attrs.field(default=False, kw_only=True)
+    _finished: bool = attrs.field(default=False, kw_only=True)
+    _stall_call: Any = attrs.field(default=None, kw_only=True)
+
+    _log = Logger()
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        if self.stall_timeout is not None and self._stall_call is None and not self._finished:
+            call_later = self.call_later
+            if call_later is None:
+                from twisted.internet import reactor
+
+                call_later = reactor.callLater  # type: ignore[attr-defined]
+            self._stall_call = call_later(self.stall_timeout, self._stall)
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._cancel_stall()
+
+    def stopProducing(self) -> None:
+        raise NotImplementedError
+
+    def _cancel_stall(self) -> None:
+        if self._stall_call is not None and self._stall_call.active():
+            self._stall_call.cancel()
+        self._stall_call = None
+
+    def _stall(self) -> None:
+        """The consumer stayed paused for stall_timeout: give the stream up."""
+        self._stall_call = None
+        if not self._paused or self._finished:
+            return
+        self._log.info(
+            "consumer paused for {seconds} s; giving up the stream", seconds=self.stall_timeout
+        )
+        self.stalled = True
+        self.consumer.unregisterProducer()
+        self.stopProducing()
+        if self.on_stall is not None:
+            self.on_stall()
+
+
 @implementer(IPushProducer)
 @attrs.define(eq=False)
-class ThreadedIteratorProducer:
+class ThreadedIteratorProducer(StallLimitedProducer):
     """Write a blocking iterator of byte chunks to *consumer*, one pull at a time.
 
     Only one pull is ever outstanding, so the iterator is advanced by one
@@ -65,27 +129,12 @@ class ThreadedIteratorProducer:
     flight has returned, so the two never overlap).
     """
 
-    consumer: IConsumer
     iterator: Iterator[bytes]
     run: BlockingRunner
     done: Deferred[int] = attrs.field(factory=Deferred)
     written: int = 0
-    _paused: bool = False
     _pulling: bool = False
-    _finished: bool = False
-    #: True when the consumer stopped the stream (a client that went away)
-    stopped: bool = False
     _looping: bool = False
-    #: seconds the consumer may stay paused before the stream is given up
-    #: (a client that stopped reading); None for no limit
-    stall_timeout: float | None = None
-    #: schedules the stall check (``reactor.callLater``; a Clock's in tests)
-    call_later: Callable[..., Any] | None = None
-    #: called when the stall limit ends the stream (e.g. to abort the connection)
-    on_stall: Callable[[], None] | None = None
-    #: True when the stall limit ended the stream
-    stalled: bool = False
-    _stall_call: Any = None
 
     _log = Logger()
 
@@ -148,39 +197,9 @@ class ThreadedIteratorProducer:
                 lambda f: self._log.failure("closing the iterator failed", f)
             )
 
-    def pauseProducing(self) -> None:
-        self._paused = True
-        if self.stall_timeout is not None and self._stall_call is None and not self._finished:
-            call_later = self.call_later
-            if call_later is None:
-                from twisted.internet import reactor
-
-                call_later = reactor.callLater  # type: ignore[attr-defined]
-            self._stall_call = call_later(self.stall_timeout, self._stall)
-
     def resumeProducing(self) -> None:
-        self._paused = False
-        self._cancel_stall()
+        super().resumeProducing()
         self._pull()
-
-    def _cancel_stall(self) -> None:
-        if self._stall_call is not None and self._stall_call.active():
-            self._stall_call.cancel()
-        self._stall_call = None
-
-    def _stall(self) -> None:
-        """The consumer stayed paused for stall_timeout: give the stream up."""
-        self._stall_call = None
-        if not self._paused or self._finished:
-            return
-        self._log.info(
-            "consumer paused for {seconds} s; giving up the stream", seconds=self.stall_timeout
-        )
-        self.stalled = True
-        self.consumer.unregisterProducer()
-        self.stopProducing()
-        if self.on_stall is not None:
-            self.on_stall()
 
     def stopProducing(self) -> None:
         self._cancel_stall()

@@ -836,3 +836,47 @@ def frame_band(band: int, data: bytes, max_payload: int = SIDEBAND_64K) -> bytes
         parts.append(b"%04x%c" % (end - start + 5, band))
         parts.append(view[start:end])
     return b"".join(parts)
+
+
+def framed_size(size: int, max_payload: int = SIDEBAND_64K) -> int:
+    """How many bytes ``frame_stream`` turns *size* payload bytes into."""
+    return size + 5 * -(-size // max_payload)
+
+
+def frame_stream(
+    band: int, chunks: Iterable[bytes], max_payload: int = SIDEBAND_64K
+) -> Iterator[bytes]:
+    """*chunks* as one run of side-band packets of *band*, every packet full but the last.
+
+    Unlike ``frame_band`` per chunk, packet boundaries do not follow chunk
+    boundaries, so the framed length is ``framed_size`` of the total and can
+    be announced (as a Content-Length) before the first byte.  Each output
+    chunk is one join over memoryviews: every byte is copied once.
+    """
+    carry: list[memoryview] = []
+    carried = 0
+    for chunk in chunks:
+        view = memoryview(chunk)
+        parts: list[bytes | memoryview] = []
+        pos = 0
+        if carried:
+            take = min(max_payload - carried, len(view))
+            carry.append(view[:take])
+            carried += take
+            pos = take
+            if carried < max_payload:
+                continue
+            parts.append(b"%04x%c" % (carried + 5, band))
+            parts.extend(carry)
+            carry, carried = [], 0
+        full_end = pos + (len(view) - pos) // max_payload * max_payload
+        for start in range(pos, full_end, max_payload):
+            parts.append(b"%04x%c" % (max_payload + 5, band))
+            parts.append(view[start : start + max_payload])
+        if full_end < len(view):
+            carry.append(view[full_end:])
+            carried = len(view) - full_end
+        if parts:
+            yield b"".join(parts)
+    if carried:
+        yield b"".join([b"%04x%c" % (carried + 5, band), *carry])

@@ -29,6 +29,7 @@ sent as before.
 from __future__ import annotations
 
 import hashlib
+import os
 import struct
 import threading
 import time
@@ -57,6 +58,8 @@ from gitstratum.protocol.upload_pack import (
     V0Negotiation,
     capability_advertisement,
     frame_band,
+    frame_stream,
+    framed_size,
     http_header,
     ls_refs_response,
     negotiate_v0,
@@ -331,6 +334,125 @@ class PlannedResponse:
     pack: _PackJob | None = None
 
 
+@attrs.frozen
+class FileResponse:
+    """A response whose bulk is a local file, sent as side-band packets of *band*.
+
+    The bytes are ``prefix``, then the file's first ``size`` bytes in
+    packets of at most ``max_payload`` data bytes (every packet full but the
+    last; 0 for no framing), then ``suffix``.  ``complete`` is called with
+    the whole length once every byte is out.
+    """
+
+    prefix: bytes
+    fd: int
+    size: int
+    band: int
+    max_payload: int
+    suffix: bytes
+    complete: Callable[[int], None] | None = None
+
+    @property
+    def body_length(self) -> int:
+        if not self.max_payload:
+            return self.size
+        return self.size + 5 * -(-self.size // self.max_payload)
+
+    @property
+    def length(self) -> int:
+        return len(self.prefix) + self.body_length + len(self.suffix)
+
+    def pieces(self, pos: int) -> Iterator[bytes | tuple[int, int]]:
+        """What is left from byte *pos*: bytes to send, or ``(file offset, count)`` ranges."""
+        prefix, body_end = len(self.prefix), len(self.prefix) + self.body_length
+        if pos < prefix:
+            yield self.prefix[pos:]
+            pos = prefix
+        if pos < body_end:
+            rel = pos - prefix
+            step = self.max_payload
+            if not step:
+                yield (rel, self.size - rel)
+            else:
+                frame, within = divmod(rel, step + 5)
+                for start in range(frame * step, self.size, step):
+                    count = min(step, self.size - start)
+                    if within < 5:
+                        yield (b"%04x%c" % (count + 5, self.band))[within:]
+                        yield (start, count)
+                    else:
+                        yield (start + within - 5, count - (within - 5))
+                    within = 0
+            pos = body_end
+        if pos - body_end < len(self.suffix):
+            yield self.suffix[pos - body_end :]
+
+    def read(self, pos: int, limit: int) -> bytes:
+        """Up to *limit* bytes from *pos*, read into memory (for the buffered path)."""
+        out: list[bytes] = []
+        left = limit
+        for piece in self.pieces(pos):
+            if left <= 0:
+                break
+            if isinstance(piece, bytes):
+                out.append(piece[:left])
+                left -= len(out[-1])
+                continue
+            offset, count = piece
+            while count and left:
+                data = os.pread(self.fd, min(count, left), offset)
+                if not data:
+                    raise OSError(f"cached pack truncated at {offset} of {self.size} bytes")
+                out.append(data)
+                offset += len(data)
+                count -= len(data)
+                left -= len(data)
+        return b"".join(out)
+
+
+@attrs.frozen
+class OpenedResponse:
+    """A planned response ready to stream, its cache entry (if any) already open.
+
+    ``length`` is the whole response's size when it is known before the
+    first byte (a cache hit), so HTTP can send it as Content-Length instead
+    of chunking 27 MB of pack.  ``chunks`` must be closed (``close()``) if
+    it is not read to the end: it may hold a cache entry open.
+    """
+
+    length: int | None
+    chunks: _Closing
+    #: the same bytes as a local file plus framing, when the pack is a
+    #: complete cache entry on this machine (for ``sendfile``)
+    file: FileResponse | None = None
+
+
+class _Closing(Iterator[bytes]):
+    """An iterator with a ``close`` that releases what it holds even if it was never started.
+
+    A generator's ``finally`` does not run when it is closed before its
+    first ``next``; an opened response can be abandoned then (the client
+    left while headers were being written).
+    """
+
+    def __init__(self, it: Iterator[bytes], release: Callable[[], None] | None = None) -> None:
+        self._it = it
+        self._release = release
+
+    def __next__(self) -> bytes:
+        return next(self._it)
+
+    def close(self) -> None:
+        release, self._release = self._release, None
+        try:
+            close = getattr(self._it, "close", None)
+            if close is not None:
+                close()
+        finally:
+            if release is not None:
+                release()
+
+
 def clone_requests(snapshot: RefSnapshot, tip: ObjectID, *, full: bool) -> list[FetchRequest]:
     """The fetches CI sends for *tip* right after a push, as git 2.39 and clone_storm.py send them.
 
@@ -430,10 +552,29 @@ class UploadPackService:
 
     def send(self, response: PlannedResponse) -> Iterator[bytes]:
         """The bytes of a planned response: its packets, then the pack if one follows."""
-        if response.head:
-            yield response.head
-        if response.pack is not None:
-            yield from self._send_pack(response.pack)
+        opened = self.open(response)
+        try:
+            yield from opened.chunks
+        finally:
+            opened.chunks.close()
+
+    def open(self, response: PlannedResponse) -> OpenedResponse:
+        """Get a planned response ready to stream: open its cache entry and read the pack header.
+
+        Blocking (run it in the pool).  Errors opening the pack surface here,
+        before any byte is sent.
+        """
+        head, job = response.head, response.pack
+        if job is None:
+            return OpenedResponse(len(head), _Closing(iter((head,) if head else ())))
+        if job.plan is not None:
+            return OpenedResponse(None, _Closing(_prepend(head, self._send_pack(job))))
+        length, body, file = self._open_cached(job, head)
+        return OpenedResponse(
+            None if length is None else len(head) + length,
+            _Closing(_prepend(head, body), body.close),
+            file,
+        )
 
     def plan_pack(self, view: RepoView, pack: PackRequest) -> Enumeration:
         """The objects of the pack *pack* describes, in pack order."""
@@ -681,9 +822,8 @@ class UploadPackService:
     # -- sending -----------------------------------------------------------
 
     def _send_pack(self, job: _PackJob) -> Iterator[bytes]:
-        if job.plan is None:
-            yield from self._send_cached(job)
-            return
+        """An uncached pack, enumerated while planning, built and framed as it streams."""
+        assert job.plan is not None
         sideband = job.sideband
         if job.progress:
             yield frame_band(2, ENUMERATED_MESSAGE % len(job.plan.objects), sideband)
@@ -701,8 +841,15 @@ class UploadPackService:
         if sideband:
             yield FLUSH_PKT
 
-    def _send_cached(self, job: _PackJob) -> Iterator[bytes]:
-        """Stream the pack from the cache (hit, follower or build), framed for this request."""
+    def _open_cached(
+        self, job: _PackJob, before: bytes
+    ) -> tuple[int | None, _Closing, FileResponse | None]:
+        """Open the pack's cache entry (hit, follower or build) and read its header.
+
+        Returns the framed size of what follows when the entry is complete
+        (a hit), the framed bytes, and for a hit on a local file the same
+        response (with *before* in front) as a file to ``sendfile``.
+        """
         cache, key, view = self.cache, job.key, job.view
         assert cache is not None and key is not None and view is not None
         sideband = job.sideband
@@ -718,7 +865,16 @@ class UploadPackService:
         outcome = cached.outcome
         if self.observer is not None:
             self.observer.pack_served(outcome)
-        chunks = cached.chunks()
+        chunks: Iterator[bytes] = cached.chunks()
+
+        def release() -> None:
+            try:
+                close = getattr(chunks, "close", None)
+                if close is not None:
+                    close()
+            finally:
+                cached.close()
+
         try:
             try:
                 head = _pack_head(chunks)
@@ -729,27 +885,77 @@ class UploadPackService:
                 outcome = CacheOutcome.UNCACHED
                 chunks = self._build(key, view, job.request)
                 head = _pack_head(chunks)
-            if job.progress:
-                built = outcome in (CacheOutcome.BUILD, CacheOutcome.UNCACHED)
-                message = ENUMERATED_MESSAGE if built else REUSED_MESSAGE
-                yield frame_band(2, message % _PACK_HEADER.unpack_from(head)[2], sideband)
-            yield frame_band(1, head, sideband) if sideband else head
-            for chunk in chunks:
-                yield frame_band(1, chunk, sideband) if sideband else chunk
+        except BaseException:
+            release()
+            raise
+        progress = b""
+        if job.progress:
+            built = outcome in (CacheOutcome.BUILD, CacheOutcome.UNCACHED)
+            message = ENUMERATED_MESSAGE if built else REUSED_MESSAGE
+            progress = frame_band(2, message % _PACK_HEADER.unpack_from(head)[2], sideband)
+        length = None
+        if outcome is CacheOutcome.HIT and cached.size is not None:
+            length = len(progress) + (
+                framed_size(cached.size, sideband) + len(FLUSH_PKT) if sideband else cached.size
+            )
+        body = self._cached_body(job, cached, outcome, progress, head, chunks)
+        file = None
+        if length is not None and cached.fileno is not None and cached.size is not None:
+            assert cached.size is not None
+            size, saved, observer = cached.size, cached.build_seconds, self.observer
+
+            def complete(nbytes: int) -> None:
+                cached.served(size)
+                if saved and observer is not None:
+                    observer.cpu_saved(saved)
+
+            file = FileResponse(
+                before + progress,
+                cached.fileno,
+                size,
+                1,
+                sideband,
+                FLUSH_PKT if sideband else b"",
+                complete,
+            )
+            # Start reading the entry into the page cache now: sendfile
+            # waits for the disk otherwise.
+            os.posix_fadvise(cached.fileno, 0, size, os.POSIX_FADV_WILLNEED)
+        return length, _Closing(body, release), file
+
+    def _cached_body(
+        self,
+        job: _PackJob,
+        cached: CachedPack,
+        outcome: CacheOutcome,
+        progress: bytes,
+        head: bytes,
+        chunks: Iterator[bytes],
+    ) -> Iterator[bytes]:
+        sideband = job.sideband
+        try:
+            if progress:
+                yield progress
+            if sideband:
+                yield from frame_stream(1, _prepend(head, chunks), sideband)
+            else:
+                yield head
+                yield from chunks
         except _PACK_FAILURES:
             if sideband:
                 yield frame_band(3, ABORT_MESSAGE + b"\n", sideband)
             raise
-        finally:
-            close = getattr(chunks, "close", None)
-            if close is not None:
-                close()
-            cached.close()
         if sideband:
             yield FLUSH_PKT
         saved = cached.build_seconds
         if outcome in (CacheOutcome.HIT, CacheOutcome.FOLLOW) and saved and self.observer:
             self.observer.cpu_saved(saved)
+
+
+def _prepend(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
+    if first:
+        yield first
+    yield from rest
 
 
 def _pack_head(chunks: Iterator[bytes]) -> bytes:

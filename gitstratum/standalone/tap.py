@@ -84,6 +84,12 @@ class Options(usage.Options):
             int,
         ],
         ["worker-fds", None, None, "Internal: listening sockets inherited from the supervisor."],
+        [
+            "sendfile",
+            None,
+            "on",
+            "Send complete pack-cache entries with sendfile(2) over plain TCP: on or off.",
+        ],
         # -- the pack cache and admission control (issue 4) --
         ["pack-cache-dir", None, None, "Pack cache directory (default: DATA_DIR/pack-cache)."],
         [
@@ -145,6 +151,8 @@ class Options(usage.Options):
             self.admission_policy()
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
+        if self["sendfile"] not in ("on", "off"):
+            raise usage.UsageError("--sendfile must be on or off")
         if self["pack-cache-bytes"] < 0:
             raise usage.UsageError("--pack-cache-bytes cannot be negative")
         if self["pack-cache-min-occurrences"] < 1:
@@ -243,6 +251,7 @@ class StandaloneService(MultiService):
             admission=policy,
             prewarm_refs=self.options.prewarm_refs(),
             call_from_thread=reactor.callFromThread,
+            sendfile=self.options["sendfile"] == "on",
         )
         self.frontend = frontend
         self._listen("http", frontend.site(spool_dir=spool_dir), reactor)

@@ -6,6 +6,7 @@ what ``/metrics`` says and by ``git fsck`` of what the clones received.
 
 from __future__ import annotations
 
+import base64
 import socket
 import subprocess
 import time
@@ -321,3 +322,29 @@ def test_two_workers_share_sockets_cache_and_metrics(tmp_path: Path, source: Pat
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # only a listener blocks this
         s.bind(("127.0.0.1", srv.port))
+
+
+def test_a_hit_is_sent_whole_with_its_length_and_the_same_bytes_as_the_build(
+    storm_server: Server, source: Path
+) -> None:
+    """A hit goes out with Content-Length (sendfile on TCP), byte for byte what the build streamed."""
+    from gitstratum.testing.wire import read_response
+
+    srv = storm_server
+    token = srv.user_with_token("ci")
+    auth = "Basic " + base64.b64encode(f"ci:{token}".encode()).decode()
+    tip = git("rev-parse", "main", cwd=source).stdout.decode().strip()
+    # depth 2: no other test asks for it, so the first request builds.
+    body = fetch_body(tip, depth=2)
+    headers = {**FETCH_HEADERS, "Authorization": auth}
+    served = metric(srv, "gitstratum_pack_cache_served_bytes_total")
+    status, built_headers, built = srv.request(
+        "POST", f"/{REPO}.git/git-upload-pack", body, headers
+    )
+    assert status == 200 and "content-length" not in built_headers
+    status, hit_headers, hit = srv.request("POST", f"/{REPO}.git/git-upload-pack", body, headers)
+    assert status == 200 and int(hit_headers["content-length"]) == len(hit)
+    assert read_response(hit).lines == read_response(built).lines
+    pack = bytes(read_response(hit).pack)
+    assert pack.startswith(b"PACK") and pack == bytes(read_response(built).pack)
+    assert metric(srv, "gitstratum_pack_cache_served_bytes_total") - served >= len(pack)

@@ -545,6 +545,7 @@ def test_tap_option_defaults() -> None:
         ["--pack-cache-bytes=-5"],
         ["--pack-cache-min-occurrences=0"],
         ["--pack-cache-max-age=0"],
+        ["--sendfile=maybe"],
     ],
 )
 def test_tap_refuses_impossible_limits(args: list[str]) -> None:

@@ -374,7 +374,8 @@ def test_a_build_failing_after_bytes_went_out_aborts_on_band_three(
     sent_first = threading.Event()
 
     def failing(self: UploadPackService, pack: PackRequest, plan: Any) -> Iterator[bytes]:
-        yield b"PACK\x00\x00\x00\x02\x00\x00\x00\x09"
+        # More than one side-band packet, so the first goes out before the failure.
+        yield b"PACK\x00\x00\x00\x02\x00\x00\x00\x09" + bytes(70000)
         assert sent_first.wait(30)
         raise OSError("store went away")
 
@@ -385,7 +386,7 @@ def test_a_build_failing_after_bytes_went_out_aborts_on_band_three(
     with pytest.raises(upload_module.BuildFailed):
         for chunk in chunks:
             received.append(chunk)
-            if chunk.startswith(b"0011\x01PACK"):
+            if chunk.startswith(b"fff0\x01PACK"):
                 sent_first.set()
     rig.cache.wait_builds()
     out = read(b"".join(received))
