@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import select
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -48,22 +49,28 @@ def send_direct(
     pos: int,
     *,
     wait: float = 0.0,
+    budget: float = 0.0,
     stopped: Callable[[], bool] = lambda: False,
+    clock: Callable[[], float] = time.monotonic,
 ) -> tuple[int, bool]:
     """Send from *pos* until done or the socket stays full: ``(new position, blocked)``.
 
     When the socket is full it waits up to *wait* seconds for room before
-    giving up the round (a client that reads keeps the whole stream in one
-    call; a slow one hands the wait back to the reactor instead of holding
-    a pool thread).  Blocking on the file (the page cache) and on that
-    short wait, never longer: run it in the thread pool.
+    giving up the round, and never waits once the round has run *budget*
+    seconds: a client that reads gets most of its stream in one call, while
+    a slow one hands its waiting back to the reactor, and no stream holds a
+    pool thread for long.  Blocking on the file (the page cache) and on
+    that short wait, never longer: run it in the thread pool.
     """
     fileno = sock.fileno()
     poller = select.poll()
     poller.register(fileno, select.POLLOUT)
+    deadline = clock() + budget
 
     def room() -> bool:
-        return bool(wait) and not stopped() and bool(poller.poll(wait * 1000)) and not stopped()
+        if not wait or stopped() or clock() >= deadline:
+            return False
+        return bool(poller.poll(wait * 1000)) and not stopped()
 
     for piece in response.pieces(pos):
         if isinstance(piece, bytes):
@@ -137,6 +144,9 @@ class SendfileProducer(StallLimitedProducer):
     #: seconds a pool thread may wait for room in the socket before handing
     #: the wait back to the reactor
     wait: float = 0.05
+    #: seconds one pool hand-off may keep sending (and waiting) before it
+    #: goes back to the reactor, so long streams share the pool fairly
+    budget: float = 0.5
     done: Deferred[int] = attrs.field(factory=Deferred)
     written: int = 0
     _busy: bool = False
@@ -175,6 +185,7 @@ class SendfileProducer(StallLimitedProducer):
             self.response,
             self.written,
             wait=self.wait,
+            budget=self.budget,
             stopped=lambda: self._finished,
         )
         d.addCallback(self._sent)

@@ -172,7 +172,7 @@ def test_a_reading_client_gets_the_whole_stream_in_one_round(file_of: Any) -> No
     reader = threading.Thread(target=read_all)
     reader.start()
     try:
-        pos, blocked = send_direct(sender, response, 0, wait=30)
+        pos, blocked = send_direct(sender, response, 0, wait=30, budget=300)
     finally:
         sender.close()
         reader.join()
@@ -187,9 +187,36 @@ def test_a_stopped_stream_ends_the_round_at_the_next_full_socket(file_of: Any) -
     response = FileResponse(b"", file_of(data), len(data), 1, 65515, b"")
     sender, receiver = socket_pair()
     try:
-        pos, blocked = send_direct(sender, response, 0, wait=30, stopped=lambda: True)
+        pos, blocked = send_direct(sender, response, 0, wait=30, budget=300, stopped=lambda: True)
     finally:
         sender.close()
+        receiver.close()
+    assert blocked and 0 < pos < response.length
+
+
+def test_a_round_past_its_budget_hands_the_wait_back(file_of: Any) -> None:
+    """Past its time budget a round stops at the next full socket, even for a reading client."""
+    import threading
+
+    data = os.urandom(3_000_000)
+    response = FileResponse(b"", file_of(data), len(data), 1, 65515, b"")
+    sender, receiver = socket_pair()
+    receiver.setblocking(True)
+
+    def read_all() -> None:
+        while receiver.recv(1 << 20):
+            pass
+
+    reader = threading.Thread(target=read_all)
+    reader.start()
+    ticks = iter(range(10_000))
+    try:
+        pos, blocked = send_direct(
+            sender, response, 0, wait=30, budget=1, clock=lambda: float(next(ticks))
+        )
+    finally:
+        sender.close()
+        reader.join()
         receiver.close()
     assert blocked and 0 < pos < response.length
 
