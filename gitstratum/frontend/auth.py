@@ -3,7 +3,9 @@
 Tokens are random, prefixed with ``gst_`` so that secret scanners can spot a
 leaked one, and are only ever stored as their SHA-256 digest.  Every HTTP
 entry point (smart HTTP, the admin API) asks ``Authorizer.decide`` for the
-status to answer, so that "401 or 404 or 403" is settled in one place.
+status to answer, so that "401 or 404 or 403" is settled in one place; the
+git adapters (smart HTTP, SSH, git://) look the repository up and decide in
+one step with ``Authorizer.authorize``.
 
 The ``Authorizer`` makes point reads on the metadata store; they are cheap
 locally but may be remote in a cluster, so request handlers call it through
@@ -34,6 +36,7 @@ __all__ = [
     "parse_bearer",
     "ssh_fingerprint",
     "Decision",
+    "NOT_FOUND",
     "Authorizer",
     "bootstrap_admin",
 ]
@@ -118,7 +121,8 @@ class Decision:
 
 
 _ALLOWED = Decision(True, 200)
-_NOT_FOUND = Decision(False, 404, "Repository not found.")
+#: the answer for a repository the caller cannot see, or that does not exist
+NOT_FOUND = Decision(False, 404, "Repository not found.")
 _CHALLENGE = Decision(False, 401, "Authentication required.", f'Basic realm="{REALM}"')
 
 
@@ -165,15 +169,28 @@ class Authorizer:
         one that does not exist; one who can see it but needs more gets 403.
         """
         if repo is None:
-            return _CHALLENGE if user is None else _NOT_FOUND
+            return _CHALLENGE if user is None else NOT_FOUND
         have = self.access(user, repo)
         if have is not None and have >= need:
             return _ALLOWED
         if user is None:
             return _CHALLENGE
         if have is None:
-            return _NOT_FOUND
+            return NOT_FOUND
         return Decision(False, 403, f"Permission to {repo.name}.git denied to {user.name}.")
+
+    def authorize(
+        self, user: User | None, repo_name: str, need: Permission
+    ) -> tuple[Repository | None, Decision]:
+        """The repository named *repo_name* and ``decide``'s answer for *user* wanting *need*.
+
+        Blocking (it reads the metadata store): adapters call it through
+        their ``BlockingRunner``.  The repository (None if there is none)
+        comes with the decision so that an allowed caller needs no second
+        read; a refused one must be told only the decision's message.
+        """
+        repo = self.metadata.get_repository(repo_name)
+        return repo, self.decide(user, repo, need)
 
 
 def bootstrap_admin(metadata: IMetadataStore, data_dir: str) -> str | None:

@@ -29,8 +29,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gitstratum.core.pktline import NEED_DATA, Packet, PktLineDecoder, PktLineError, error_pkt
-from gitstratum.frontend.auth import Authorizer
-from gitstratum.frontend.metrics import log_request
+from gitstratum.frontend.auth import Authorizer, Decision
+from gitstratum.frontend.metrics import record_request
 from gitstratum.frontend.paths import valid_repo_name
 from gitstratum.frontend.stream import GitBackend, GitStreamProtocol, parse_git_protocol_env
 from gitstratum.storage.interfaces import IMetadataStore, Permission, Repository
@@ -125,25 +125,14 @@ class GitDaemonProtocol(Protocol):
     Until the request is settled, reading from the client is paused, so
     nothing it sends early is buffered beyond one read.  After that every
     byte, the half-close and the connection's end go to the stream protocol.
+    The backend, clock, timeout and stream factory are its factory's.
     """
 
     _log = Logger()
+    factory: GitDaemonFactory
 
-    def __init__(
-        self,
-        backend: GitBackend,
-        metadata: IMetadataStore,
-        *,
-        clock: IReactorTime,
-        request_timeout: float,
-        stream_factory: Callable[..., IProtocol] = GitStreamProtocol,
-    ):
-        self.backend = backend
-        self.metadata = metadata
-        self.authorizer = Authorizer(metadata)
-        self.clock = clock
-        self.request_timeout = request_timeout
-        self.stream_factory = stream_factory
+    def __init__(self, factory: GitDaemonFactory):
+        self.factory = factory
         self.decoder = PktLineDecoder()
         self.request: DaemonRequest | None = None
         self.stream: IProtocol | None = None
@@ -153,7 +142,7 @@ class GitDaemonProtocol(Protocol):
         self._done = False
 
     def connectionMade(self) -> None:
-        self._timeout = self.clock.callLater(self.request_timeout, self._timed_out)
+        self._timeout = self.factory.clock.callLater(self.factory.request_timeout, self._timed_out)
 
     def _timed_out(self) -> None:
         self._timeout = None
@@ -210,14 +199,20 @@ class GitDaemonProtocol(Protocol):
             return
         assert self.transport is not None
         self.transport.pauseProducing()  # type: ignore[attr-defined]
-        d: Deferred[Repository | None] = self.backend.run(self.metadata.get_repository, name)
+        factory = self.factory
+        d: Deferred[tuple[Repository | None, Decision]] = factory.backend.run(
+            factory.authorizer.authorize, None, name, Permission.READ
+        )
         d.addCallback(self._found, request, name)
         d.addErrback(self._failed, name)
 
-    def _found(self, repo: Repository | None, request: DaemonRequest, name: str) -> None:
+    def _found(
+        self, found: tuple[Repository | None, Decision], request: DaemonRequest, name: str
+    ) -> None:
         if self._done:
             return
-        if repo is None or not self.authorizer.decide(None, repo, Permission.READ).allowed:
+        repo, decision = found
+        if repo is None or not decision.allowed:
             path = _printable(request.path)
             self._refuse(name, 404, f"{_NOT_EXPORTED}: {path}", request.service)
             return
@@ -230,8 +225,8 @@ class GitDaemonProtocol(Protocol):
             host=request.host or "-",
             version=version,
         )
-        stream = self.stream_factory(
-            self.backend,
+        stream = self.factory.stream_factory(
+            self.factory.backend,
             service="upload-pack",
             repo=repo,
             user="-",
@@ -259,20 +254,16 @@ class GitDaemonProtocol(Protocol):
 
     def _refuse(self, repo: str, status: int, message: str, service: str = "git-daemon") -> None:
         """Send git daemon's ``ERR`` line and hang up."""
-        outcome = {400: "bad_request", 403: "denied", 404: "not_found"}.get(status, "error")
-        if service in ("upload-pack", "receive-pack"):
-            self.backend.metrics.observe_request(
-                service=service, repo_class="none", outcome=outcome, seconds=0.0, nbytes=0
-            )
-        log_request(
+        counted = service in ("upload-pack", "receive-pack")
+        record_request(
+            self.factory.backend.metrics if counted else None,
             self._log,
+            service=service,
             repo=repo,
-            service=f"git-daemon {service}" if service != "git-daemon" else service,
             user="-",
-            nbytes=0,
-            seconds=0.0,
-            outcome=outcome,
             status=status,
+            outcome={400: "bad_request", 403: "denied", 404: "not_found"}.get(status, "error"),
+            logged_as=None if service == "git-daemon" else f"git-daemon {service}",
         )
         if self.transport is not None and not self._done:
             self.transport.write(error_pkt(message))
@@ -315,34 +306,22 @@ class GitDaemonProtocol(Protocol):
         return f"{host}:{peer.port}" if host is not None else str(peer)
 
 
-class GitDaemonFactory(ServerFactory):
-    """Builds a ``GitDaemonProtocol`` per connection."""
+@attrs.define(eq=False)
+class GitDaemonFactory(ServerFactory[GitDaemonProtocol]):
+    """Builds a ``GitDaemonProtocol`` per connection; what they share is kept here."""
 
-    def __init__(
-        self,
-        backend: GitBackend,
-        metadata: IMetadataStore,
-        *,
-        clock: IReactorTime,
-        request_timeout: float,
-        stream_factory: Callable[..., IProtocol] = GitStreamProtocol,
-    ):
-        self.backend = backend
-        self.metadata = metadata
-        self.clock = clock
-        self.request_timeout = request_timeout
-        self.stream_factory = stream_factory
+    backend: GitBackend
+    metadata: IMetadataStore
+    clock: IReactorTime = attrs.field(kw_only=True)
+    request_timeout: float = attrs.field(kw_only=True)
+    stream_factory: Callable[..., IProtocol] = attrs.field(default=GitStreamProtocol, kw_only=True)
+    authorizer: Authorizer = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.authorizer = Authorizer(self.metadata)
 
     def buildProtocol(self, addr: Any) -> GitDaemonProtocol:
-        protocol = GitDaemonProtocol(
-            self.backend,
-            self.metadata,
-            clock=self.clock,
-            request_timeout=self.request_timeout,
-            stream_factory=self.stream_factory,
-        )
-        protocol.factory = self
-        return protocol
+        return GitDaemonProtocol(self)
 
 
 def make_git_daemon_factory(

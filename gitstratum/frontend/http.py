@@ -29,7 +29,7 @@ from gitstratum.core.pktline import PktLineError, error_pkt
 from gitstratum.frontend.admin_api import AdminAPI
 from gitstratum.frontend.admission import Overloaded
 from gitstratum.frontend.auth import Authorizer
-from gitstratum.frontend.metrics import Metrics, log_request
+from gitstratum.frontend.metrics import Metrics, record_request, repo_class_of
 from gitstratum.frontend.paths import BadPath, GitPath, parse_git_path
 from gitstratum.frontend.sendfile import SendfileProducer, direct_socket
 from gitstratum.frontend.threads import BlockingRunner, ThreadedIteratorProducer
@@ -307,23 +307,17 @@ class GitHTTP:
         return message.encode("utf-8") + b"\n"
 
     def _finish(self, ex: _Exchange) -> None:
-        seconds = time.monotonic() - ex.started
-        self.metrics.observe_request(
-            service=ex.service,
-            repo_class=ex.repo_class,
-            outcome=ex.outcome,
-            seconds=seconds,
-            nbytes=ex.nbytes,
-        )
-        log_request(
+        record_request(
+            self.metrics,
             self.log,
-            repo=ex.repo,
             service=ex.service,
+            repo=ex.repo,
             user=ex.user,
-            nbytes=ex.nbytes,
-            seconds=seconds,
-            outcome=ex.outcome,
             status=ex.status,
+            outcome=ex.outcome,
+            repo_class=ex.repo_class,
+            seconds=time.monotonic() - ex.started,
+            nbytes=ex.nbytes,
         )
 
     async def _authorize(
@@ -338,12 +332,11 @@ class GitHTTP:
             if user is None:
                 return self._deny(request, ex, 401, "Invalid username or token.")
             ex.user = user.name
-        repo = await self.run(self.metadata.get_repository, path.repo)
-        decision = await self.run(self.authorizer.decide, user, repo, need)
+        repo, decision = await self.run(self.authorizer.authorize, user, path.repo, need)
         if not decision.allowed:
             return self._deny(request, ex, decision.status, decision.message)
         assert repo is not None
-        ex.repo_class = "public" if repo.public else "private"
+        ex.repo_class = repo_class_of(repo)
         return repo
 
     def _deny(self, request: IRequest, ex: _Exchange, status: int, message: str) -> bytes:

@@ -37,10 +37,17 @@ from twisted.logger import Logger
 
 from gitstratum.cache.interfaces import CacheOutcome
 from gitstratum.frontend.admission import REASONS as ADMISSION_REASONS
+from gitstratum.storage.interfaces import Repository
 
-__all__ = ["Metrics", "REPO_CLASSES", "log_request"]
+__all__ = ["Metrics", "REPO_CLASSES", "repo_class_of", "log_request", "record_request"]
 
 REPO_CLASSES = ("public", "private", "none")
+
+
+def repo_class_of(repo: Repository) -> str:
+    """The ``repo_class`` label of a request served from *repo*."""
+    return "public" if repo.public else "private"
+
 
 # From a ref advertisement (milliseconds) to a large cold clone (minutes).
 _DURATION_BUCKETS = (
@@ -282,6 +289,45 @@ def log_request(
         repo=repo,
         service=service,
         user=user or "-",
+        nbytes=nbytes,
+        seconds=seconds,
+        outcome=outcome,
+        status=status,
+    )
+
+
+def record_request(
+    metrics: Metrics | None,
+    log: Logger,
+    *,
+    service: str,
+    repo: str,
+    user: str,
+    status: int,
+    outcome: str,
+    repo_class: str = "none",
+    seconds: float = 0.0,
+    nbytes: int = 0,
+    logged_as: str | None = None,
+) -> None:
+    """Finish one request: count it in *metrics* and write its one log line.
+
+    The adapters end their requests here, served or refused.  The defaults
+    describe a request refused before it reached a repository: no class, no
+    time, no bytes.  With *metrics* None the request is only logged (git://
+    counts only its upload-pack and receive-pack requests); *logged_as* is
+    the service as the log line names it, where that differs from the metric
+    label.
+    """
+    if metrics is not None:
+        metrics.observe_request(
+            service=service, repo_class=repo_class, outcome=outcome, seconds=seconds, nbytes=nbytes
+        )
+    log_request(
+        log,
+        repo=repo,
+        service=logged_as or service,
+        user=user,
         nbytes=nbytes,
         seconds=seconds,
         outcome=outcome,

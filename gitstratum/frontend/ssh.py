@@ -67,8 +67,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from gitstratum.frontend.auth import Authorizer, Decision, ssh_fingerprint
-from gitstratum.frontend.metrics import log_request
+from gitstratum.frontend.auth import NOT_FOUND, Authorizer, Decision, ssh_fingerprint
+from gitstratum.frontend.metrics import record_request
 from gitstratum.frontend.paths import valid_repo_name
 from gitstratum.frontend.stream import GitBackend, GitStreamProtocol, parse_git_protocol_env
 from gitstratum.frontend.threads import BlockingRunner
@@ -407,8 +407,6 @@ def shell_refusal(user: str) -> bytes:
 
 StreamFactory = Callable[..., IProtocol]
 
-_NOT_FOUND = Decision(False, 404, "Repository not found.")
-
 
 @attrs.define(eq=False)
 class SSHGitContext:
@@ -434,9 +432,8 @@ class SSHGitContext:
         """
         user = self.authorizer.metadata.get_user(user_name)
         if user is None:
-            return None, _NOT_FOUND
-        repo = self.authorizer.metadata.get_repository(repo_name)
-        return repo, self.authorizer.decide(user, repo, need)
+            return None, NOT_FOUND
+        return self.authorizer.authorize(user, repo_name, need)
 
 
 @implementer(IRealm)
@@ -559,20 +556,14 @@ class GitSessionChannel(SSHChannel):
         self._finish(status)
 
     def _refuse(self, service: str, repo: str, status: int, message: str) -> None:
-        context = self.avatar.context
-        outcome = _REFUSAL_OUTCOMES.get(status, "denied")
-        context.backend.metrics.observe_request(
-            service=service, repo_class="none", outcome=outcome, seconds=0.0, nbytes=0
-        )
-        log_request(
+        record_request(
+            self.avatar.context.backend.metrics,
             self._log,
-            repo=repo,
             service=service,
+            repo=repo,
             user=self.avatar.user_name,
-            nbytes=0,
-            seconds=0.0,
-            outcome=outcome,
             status=status,
+            outcome=_REFUSAL_OUTCOMES.get(status, "denied"),
         )
         self._fail(message.encode("utf-8") + b"\n", 1)
 

@@ -49,7 +49,7 @@ from gitstratum.core.pktline import (
     strip_newline,
 )
 from gitstratum.frontend.admission import Overloaded
-from gitstratum.frontend.metrics import Metrics, log_request
+from gitstratum.frontend.metrics import Metrics, record_request, repo_class_of
 from gitstratum.frontend.threads import BlockingRunner, ThreadedIteratorProducer
 from gitstratum.protocol import receive_pack
 from gitstratum.protocol.ingest import UNPACKER_ERROR, PushProcessor
@@ -752,22 +752,16 @@ class GitStreamProtocol(Protocol):
         if self._spool is not None:
             self._spool.close()
             self._spool = None
-        seconds = self._backend.clock() - self._started
-        self._backend.metrics.observe_request(
-            service=self._service,
-            repo_class="public" if self._repo.public else "private",
-            outcome=outcome,
-            seconds=seconds,
-            nbytes=self._nbytes,
-        )
-        log_request(
+        record_request(
+            self._backend.metrics,
             self._log,
-            repo=self._repo.name,
             service=self._service,
+            repo=self._repo.name,
             user=self._user,
-            nbytes=self._nbytes,
-            seconds=seconds,
-            outcome=outcome,
             status=status,
+            outcome=outcome,
+            repo_class=repo_class_of(self._repo),
+            seconds=self._backend.clock() - self._started,
+            nbytes=self._nbytes,
         )
         self._on_done(status)

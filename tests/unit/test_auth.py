@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from gitstratum.frontend.auth import (
     ADMIN_TOKEN_FILE,
+    NOT_FOUND,
     TOKEN_PREFIX,
     Authorizer,
     bootstrap_admin,
@@ -273,6 +274,45 @@ def test_decide_does_not_reveal_private_repositories(
     assert isinstance(eve, User) and isinstance(priv, Repository)
     assert authz.decide(eve, priv, Permission.READ) == authz.decide(eve, None, Permission.READ)
     assert authz.decide(None, priv, Permission.READ) == authz.decide(None, None, Permission.READ)
+
+
+@pytest.mark.parametrize(
+    ("who", "name", "need", "status"),
+    [
+        (None, "org/pub", Permission.READ, 200),
+        (None, "org/priv", Permission.READ, 401),
+        (None, "org/missing", Permission.READ, 401),
+        ("eve", "org/priv", Permission.READ, 404),
+        ("eve", "org/pub", Permission.WRITE, 403),
+        ("rita", "org/priv", Permission.READ, 200),
+        ("rita", "org/missing", Permission.READ, 404),
+    ],
+)
+def test_authorize_looks_the_repository_up_and_decides(
+    store: LMDBMetadataStore,
+    authz: Authorizer,
+    world: dict[str, object],
+    who: str | None,
+    name: str,
+    need: Permission,
+    status: int,
+) -> None:
+    """authorize(user, name, need) is the stored repository (or None) and decide()'s answer on it."""
+    user = world[who] if who else None
+    assert isinstance(user, User | None)
+    expected = store.get_repository(name)
+    repo, decision = authz.authorize(user, name, need)
+    assert repo == expected
+    assert decision.status == status
+    assert decision == authz.decide(user, expected, need)
+
+
+def test_authorize_answers_not_found_for_a_missing_repository(authz: Authorizer) -> None:
+    """A known caller naming a repository that does not exist gets NOT_FOUND, git's wording."""
+    user = User("eve")
+    repo, decision = authz.authorize(user, "org/nothing", Permission.READ)
+    assert repo is None and decision is NOT_FOUND
+    assert (decision.status, decision.message) == (404, "Repository not found.")
 
 
 def test_access_follows_visibility_changes(store: LMDBMetadataStore, authz: Authorizer) -> None:

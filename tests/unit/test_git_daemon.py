@@ -8,20 +8,16 @@ ones run the real ``GitStreamProtocol``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import attrs
 import pytest
-from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.error import ConnectionLost
-from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from gitstratum.core.limits import Limits
 from gitstratum.core.pktline import FLUSH_PKT, PktLineDecoder, Special, pkt_line
@@ -35,12 +31,12 @@ from gitstratum.frontend.git_daemon import (
 )
 from gitstratum.frontend.metrics import Metrics
 from gitstratum.frontend.stream import GitBackend
-from gitstratum.frontend.threads import inline_runner
 from gitstratum.protocol.ingest import PushProcessor
 from gitstratum.protocol.upload_service import UploadPackService
 from gitstratum.storage.lmdb_metadata import LMDBMetadataStore
 from gitstratum.storage.lmdb_objects import LMDBObjectStore
 from gitstratum.testing.fixtures import git, import_git_repo, make_small_repo
+from gitstratum.testing.streams import RecordingRunner, RecordingStream, recording_stream_factory
 
 PRIVATE = "alice/proj"
 PUBLIC = "alice/open"
@@ -143,67 +139,6 @@ def test_only_owner_name_paths_name_a_repository(path: str, repo: str | None) ->
 
 
 @attrs.define
-class RecordingRunner:
-    """An inline BlockingRunner that records calls; with ``hold`` they wait for release()."""
-
-    calls: list[str] = attrs.field(factory=list)
-    hold: bool = False
-    pending: list[tuple[Deferred[Any], Callable[..., Any], tuple[Any, ...]]] = attrs.field(
-        factory=list
-    )
-
-    def __call__(self, f: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Deferred[Any]:
-        self.calls.append(getattr(f, "__name__", repr(f)))
-        if not self.hold:
-            return inline_runner(f, *args, **kwargs)
-        d: Deferred[Any] = Deferred()
-        self.pending.append((d, f, args))
-        return d
-
-    def release(self) -> None:
-        while self.pending:
-            d, f, args = self.pending.pop(0)
-            maybeDeferred(f, *args).chainDeferred(d)
-
-
-@implementer(IHalfCloseableProtocol)
-class RecordingStream(Protocol):
-    """Stands in for GitStreamProtocol: greets and records."""
-
-    def __init__(
-        self,
-        backend: Any,
-        *,
-        service: str,
-        repo: Any,
-        user: str,
-        version: int,
-        on_done: Callable[[int], None],
-    ):
-        self.service, self.repo, self.user, self.version = service, repo, user, version
-        self.on_done = on_done
-        self.received = bytearray()
-        self.eof = False
-        self.lost: Failure | None = None
-
-    def connectionMade(self) -> None:
-        assert self.transport is not None
-        self.transport.write(b"hello\n")
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-
-    def readConnectionLost(self) -> None:
-        self.eof = True
-
-    def writeConnectionLost(self) -> None:
-        pass
-
-    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
-        self.lost = reason
-
-
-@attrs.define
 class Daemon:
     metadata: LMDBMetadataStore
     backend: GitBackend
@@ -214,13 +149,8 @@ class Daemon:
     def connect(
         self, *, real_git: bool = False, **kwargs: Any
     ) -> tuple[GitDaemonProtocol, StringTransport]:
-        def stream(*args: Any, **kw: Any) -> RecordingStream:
-            s = RecordingStream(*args, **kw)
-            self.streams.append(s)
-            return s
-
         if not real_git:
-            kwargs.setdefault("stream_factory", stream)
+            kwargs.setdefault("stream_factory", recording_stream_factory(self.streams))
         factory = make_git_daemon_factory(self.backend, self.metadata, clock=self.clock, **kwargs)
         protocol = factory.buildProtocol(None)
         transport = StringTransport()
@@ -281,7 +211,8 @@ def test_a_public_repository_is_handed_to_the_stream(daemon: Daemon) -> None:
         "-",
         0,
     )
-    assert transport.value() == b"hello\n" and not transport.disconnecting
+    assert transport.value() == b"hello - upload-pack alice/open v0\n"
+    assert not transport.disconnecting
     assert daemon.clock.getDelayedCalls() == []
 
 

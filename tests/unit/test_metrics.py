@@ -8,7 +8,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.logger import ILogObserver, Logger, formatEvent
 
-from gitstratum.frontend.metrics import Metrics, log_request
+from gitstratum.frontend.metrics import Metrics, log_request, record_request, repo_class_of
+from gitstratum.storage.interfaces import Repository
 
 
 def samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -138,3 +139,72 @@ def test_log_request_marks_anonymous_callers() -> None:
     )
     assert events[0]["user"] == "-"
     assert "user=- " in formatEvent(events[0])
+
+
+def record(metrics: Metrics | None, **fields: Any) -> dict[str, Any]:
+    """The one event record_request logs for a request with *fields*."""
+    events: list[dict[str, Any]] = []
+    record_request(metrics, Logger(observer=cast(ILogObserver, events.append)), **fields)
+    (event,) = events
+    return event
+
+
+REFUSED = {"repo": "alice/proj", "user": "bob", "status": 403, "outcome": "denied"}
+
+
+def test_record_request_counts_and_logs_one_request() -> None:
+    """record_request is observe_request plus log_request, with the same fields in both."""
+    m = Metrics()
+    event = record(
+        m,
+        service="upload-pack",
+        repo="alice/proj",
+        user="alice",
+        status=0,
+        outcome="ok",
+        repo_class="private",
+        seconds=0.5,
+        nbytes=300,
+    )
+    got = samples(m)
+    labels = (("outcome", "ok"), ("repo_class", "private"), ("service", "upload-pack"))
+    assert got[("gitstratum_requests_total", labels)] == 1
+    assert got[("gitstratum_response_bytes_total", (("service", "upload-pack"),))] == 300
+    assert formatEvent(event) == (
+        "upload-pack alice/proj user=alice status=0 outcome=ok bytes=300 seconds=0.500"
+    )
+
+
+def test_record_request_defaults_describe_a_refusal() -> None:
+    """Without class, time or bytes the request counts as repo_class none, 0 s and 0 bytes."""
+    m = Metrics()
+    event = record(m, service="receive-pack", **REFUSED)
+    got = samples(m)
+    labels = (("outcome", "denied"), ("repo_class", "none"), ("service", "receive-pack"))
+    assert got[("gitstratum_requests_total", labels)] == 1
+    assert not any(name == "gitstratum_response_bytes_total" for name, _ in got)
+    assert (event["nbytes"], event["seconds"], event["status"]) == (0, 0.0, 403)
+
+
+def test_record_request_without_metrics_only_logs() -> None:
+    """With metrics None the request still gets its log line (git:// refusals not counted)."""
+    assert record(None, service="upload-archive", **REFUSED)["service"] == "upload-archive"
+
+
+def test_record_request_logs_under_logged_as_and_counts_under_service() -> None:
+    """logged_as names the service in the log line; the metric keeps the service label."""
+    m = Metrics()
+    event = record(m, service="upload-pack", logged_as="git-daemon upload-pack", **REFUSED)
+    assert event["service"] == "git-daemon upload-pack"
+    counted = {
+        dict(labels)["service"]
+        for name, labels in samples(m)
+        if name == "gitstratum_requests_total"
+    }
+    assert counted == {"upload-pack"}
+
+
+def test_repo_class_of_a_repository() -> None:
+    """A public repository's requests are labelled public, any other's private."""
+    assert repo_class_of(Repository(1, "alice/open", public=True)) == "public"
+    assert repo_class_of(Repository(2, "alice/proj")) == "private"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import stat
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +31,9 @@ from twisted.conch.ssh.userauth import SSHUserAuthClient
 from twisted.cred.credentials import SSHPrivateKey
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
@@ -70,6 +69,7 @@ from gitstratum.storage.interfaces import Permission, SSHKey
 from gitstratum.storage.lmdb_metadata import LMDBMetadataStore
 from gitstratum.storage.lmdb_objects import LMDBObjectStore
 from gitstratum.testing.fixtures import git, import_git_repo, make_small_repo
+from gitstratum.testing.streams import RecordingRunner, RecordingStream, recording_stream_factory
 
 PRIVATE = "alice/proj"
 PUBLIC = "alice/open"
@@ -314,32 +314,6 @@ def test_shell_refusal_is_github_s_greeting() -> None:
 # -- the world: stores, users and a server factory -----------------------------------------
 
 
-@attrs.define
-class RecordingRunner:
-    """A BlockingRunner that records which functions ran; with ``hold`` it runs them on release()."""
-
-    calls: list[str] = attrs.field(factory=list)
-    hold: bool = False
-    pending: list[tuple[Deferred[Any], Callable[..., Any], tuple[Any, ...], dict[str, Any]]] = (
-        attrs.field(factory=list)
-    )
-
-    def __call__(self, f: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Deferred[Any]:
-        self.calls.append(getattr(f, "__name__", repr(f)))
-        if not self.hold:
-            return inline_runner(f, *args, **kwargs)
-        d: Deferred[Any] = Deferred()
-        self.pending.append((d, f, args, kwargs))
-        return d
-
-    def release_one(self) -> None:
-        d, f, args, kwargs = self.pending.pop(0)
-        maybeDeferred(f, *args, **kwargs).chainDeferred(d)
-
-    def waiting(self) -> list[str]:
-        return [f.__name__ for _, f, _, _ in self.pending]
-
-
 def run_until(link: Link, runner: RecordingRunner, name: str) -> None:
     """Let held runner calls finish, one at a time, until a call to *name* is the one waiting."""
     for _ in range(20):
@@ -348,49 +322,6 @@ def run_until(link: Link, runner: RecordingRunner, name: str) -> None:
             return
         runner.release_one()
     raise AssertionError(f"{name} was never called; waiting: {runner.waiting()}")
-
-
-@implementer(IHalfCloseableProtocol)
-class RecordingStream(Protocol):
-    """Stands in for GitStreamProtocol: greets, records what it is given, ends when told."""
-
-    def __init__(
-        self,
-        backend: Any,
-        *,
-        service: str,
-        repo: Any,
-        user: str,
-        version: int,
-        on_done: Callable[[int], None],
-    ):
-        self.backend = backend
-        self.service = service
-        self.repo = repo
-        self.user = user
-        self.version = version
-        self.on_done = on_done
-        self.received = bytearray()
-        self.eof = False
-        self.lost: Failure | None = None
-
-    def connectionMade(self) -> None:
-        assert self.transport is not None
-        self.transport.write(
-            f"hello {self.user} {self.service} {self.repo.name} v{self.version}\n".encode()
-        )
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-
-    def readConnectionLost(self) -> None:
-        self.eof = True
-
-    def writeConnectionLost(self) -> None:
-        pass
-
-    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
-        self.lost = reason
 
 
 @implementer(IPushProducer)
@@ -441,14 +372,8 @@ class World:
 
     def make_factory(self, *, real_git: bool = False, **kwargs: Any) -> Any:
         """A started factory; sessions run RecordingStream unless *real_git*."""
-
-        def stream(*args: Any, **kw: Any) -> RecordingStream:
-            s = RecordingStream(*args, **kw)
-            self.streams.append(s)
-            return s
-
         if not real_git:
-            kwargs.setdefault("stream_factory", stream)
+            kwargs.setdefault("stream_factory", recording_stream_factory(self.streams))
         factory = make_ssh_factory(
             self.backend,
             Authorizer(self.metadata),

@@ -10,6 +10,7 @@ clone, fetch, shallow fetch and push go through it end to end.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import os
@@ -18,17 +19,18 @@ import subprocess
 import sys
 import textwrap
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import attrs
 import pytest
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.error import ConnectionLost
+from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
+from zope.interface.verify import verifyClass, verifyObject
 
 import gitstratum
 from gitstratum.core.limits import Limits
@@ -56,6 +58,7 @@ from gitstratum.storage.interfaces import Repository
 from gitstratum.storage.lmdb_metadata import LMDBMetadataStore
 from gitstratum.storage.lmdb_objects import LMDBObjectStore
 from gitstratum.testing.fixtures import GIT_ENV, git, import_git_repo, make_small_repo
+from gitstratum.testing.streams import RecordingRunner, RecordingStream, recording_stream_factory
 from gitstratum.testing.wire import Response, read_response
 
 AGENT = b"agent=git/2.39.5"
@@ -183,31 +186,6 @@ def connect(world, tmp_path):
         return Session(protocol, transport, backend, str(spool_dir), statuses)
 
     return make
-
-
-@attrs.define
-class HeldRunner:
-    """A BlockingRunner whose calls wait until the test runs them, oldest first."""
-
-    pending: list[tuple[Callable[[], Any], Deferred[Any]]] = attrs.field(factory=list)
-
-    def __call__(self, f: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred()
-        self.pending.append((lambda: f(*args, **kwargs), d))
-        return d
-
-    def step(self) -> None:
-        call, d = self.pending.pop(0)
-        try:
-            result = call()
-        except Exception:
-            d.errback(Failure())
-        else:
-            d.callback(result)
-
-    def drain(self) -> None:
-        while self.pending:
-            self.step()
 
 
 # -- reading what the server sent ---------------------------------------------------------
@@ -356,6 +334,74 @@ def test_parse_have_round():
         parse_have_round(have_round(a, b), Limits(max_haves=1))
 
 
+# -- the stand-ins for the engine and the pool in the adapters' tests ----------------------
+
+
+def test_recording_stream_takes_the_engines_place():
+    """RecordingStream provides GitStreamProtocol's interfaces and takes the same arguments."""
+    assert verifyClass(IProtocol, GitStreamProtocol)
+    assert verifyClass(IHalfCloseableProtocol, GitStreamProtocol)
+    stream = RecordingStream(
+        None, service="upload-pack", repo=Repository(1, "o/r"), user="-", version=0, on_done=print
+    )
+    assert verifyObject(IProtocol, stream)
+    assert verifyObject(IHalfCloseableProtocol, stream)
+
+    def parameters(cls: type) -> list[tuple[str, Any]]:
+        return [(p.name, p.kind) for p in inspect.signature(cls).parameters.values()]
+
+    assert parameters(RecordingStream) == parameters(GitStreamProtocol)
+
+
+def test_recording_stream_greets_and_records_what_it_is_given():
+    """The stand-in says what it was handed, keeps the bytes, the half-close and the loss."""
+    streams: list[RecordingStream] = []
+    build = recording_stream_factory(streams)
+    stream = build(
+        None,
+        service="receive-pack",
+        repo=Repository(1, "o/r"),
+        user="bob",
+        version=0,
+        on_done=print,
+    )
+    assert streams == [stream]
+    transport = StringTransport()
+    stream.makeConnection(transport)
+    assert transport.value() == b"hello bob receive-pack o/r v0\n"
+    stream.dataReceived(b"ab")
+    stream.dataReceived(b"c")
+    stream.readConnectionLost()
+    stream.connectionLost(Failure(ConnectionLost()))
+    assert bytes(stream.received) == b"abc" and stream.eof
+    assert stream.lost is not None and stream.lost.check(ConnectionLost)
+
+
+def test_recording_runner_holds_calls_until_released():
+    """Inline unless held; held calls run oldest first, errors reach their Deferred, all recorded."""
+    runner = RecordingRunner()
+    results: list[Any] = []
+    runner(len, b"abc").addCallback(results.append)
+    assert results == [3]
+
+    def queue_another() -> str:
+        runner(len, b"xy").addCallback(results.append)
+        return "queued"
+
+    def fail() -> None:
+        raise ValueError("no")
+
+    runner.hold = True
+    runner(queue_another).addCallback(results.append)
+    runner(fail).addErrback(lambda f: results.append(f.type))
+    assert results == [3] and runner.waiting() == ["queue_another", "fail"]
+    runner.release_one()
+    assert results == [3, "queued"] and runner.waiting() == ["fail", "len"]
+    runner.release()
+    assert results == [3, "queued", ValueError, 2] and runner.pending == []
+    assert runner.calls == ["len", "queue_another", "fail", "len"]
+
+
 # -- upload-pack v2 ---------------------------------------------------------------------------
 
 
@@ -386,12 +432,12 @@ def test_a_client_that_keeps_talking_is_not_idle(world, connect):
 def test_server_work_in_the_pool_is_not_idleness(world, connect):
     """A blocking step that outlasts the idle timeout (a big push, a long plan) is waited for."""
     clock = Clock()
-    runner = HeldRunner()
+    runner = RecordingRunner(hold=True)
     session = connect(version=2, limits=Limits(idle_timeout=30.0), clock=clock, run=runner)
     session.send(v2_command("ls-refs"))
     clock.advance(100)  # the ls-refs step is still "running"
     assert session.status is None
-    runner.drain()
+    runner.release()
     assert b"refs/heads/main" in session.take()
     clock.advance(30)  # checked once a period: the answer just went out, so not yet
     assert session.status is None
@@ -691,14 +737,7 @@ def test_v0_haves_are_bounded_across_rounds(world, connect):
 
 def test_v0_input_sent_far_ahead_is_refused(world, connect):
     """While a step runs, the unread input is bounded too."""
-    pending: list[tuple[Callable[..., Any], tuple[Any, ...], Deferred[Any]]] = []
-
-    def held(f: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred()
-        pending.append((f, args, d))
-        return d
-
-    s = connect(run=held, limits=Limits(max_request_bytes=500))
+    s = connect(run=RecordingRunner(hold=True), limits=Limits(max_request_bytes=500))
     for _ in range(10):
         s.send(have_round(*UNKNOWN))
     assert s.status == 128 and b"bytes sent ahead" in s.take()
@@ -758,20 +797,20 @@ def test_losing_the_connection_mid_pack_stops_the_stream(world, connect):
 @pytest.mark.parametrize("version", [0, 2])
 def test_hanging_up_once_the_last_byte_is_out_is_a_clean_end(world, connect, version):
     """git closes as soon as it has the pack's last byte, maybe before our last pull returns: 0."""
-    runner = HeldRunner()
+    runner = RecordingRunner(hold=True)
     s = connect(run=runner, version=version)
     if version == 2:
         request = v2_command("fetch", b"want " + world.rev("main") + b"\n", "done\n")
     else:
         request = wants_section(world.rev("main"), caps=b"side-band-64k") + DONE
-    runner.drain()
+    runner.release()
     s.take()
     s.send(request)
     while not s.transport.value().endswith(FLUSH_PKT):
-        runner.step()
+        runner.release_one()
     assert runner.pending  # the pull that would find the end is still out
     s.protocol.connectionLost(Failure(ConnectionError("closed by the client")))
-    runner.drain()
+    runner.release()
     assert s.status == 0
     assert s.requests(service="upload-pack", repo_class="private", outcome="ok") == 1
 
@@ -887,10 +926,10 @@ def test_push_pack_end_is_found_without_the_client_closing(world, connect, seed)
 
 def test_push_client_closing_its_side_after_the_pack_still_gets_the_report(world, connect):
     """Over ssh the client's EOF follows the pack at once; the push still runs and is reported."""
-    runner = HeldRunner()
+    runner = RecordingRunner(hold=True)
     repo = world.new_repo()
     s = connect("receive-pack", repo=repo, run=runner)
-    runner.drain()
+    runner.release()
     s.take()
     main = world.rev("main")
     s.send(
@@ -899,7 +938,7 @@ def test_push_client_closing_its_side_after_the_pack_still_gets_the_report(world
     )
     s.protocol.readConnectionLost()
     assert len(runner.pending) == 1 and s.status is None  # the push, not yet run
-    runner.drain()
+    runner.release()
     assert read(s.take()).lines == [b"unpack ok", b"ok refs/heads/main", FLUSH_PKT]
     assert s.status == 0 and world.metadata.get_refs(repo).refs == {b"refs/heads/main": main}
 
