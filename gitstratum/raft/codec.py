@@ -7,7 +7,7 @@ Layout, all integers big-endian::
              reject u8, reject_hint u64,
              context (length u32, bytes),
              entries (count u32, then each: term u64, index u64, type u8,
-                      data length u32, data),
+                      data length u32, data; indexes consecutive),
              snapshot (present u8; if 1: index u64, term u64,
                        voters (count u32, u64 each), learners (count u32, u64 each),
                        data length u32, data)
@@ -196,13 +196,18 @@ def decode_message(data: bytes) -> Message:
         raise CodecError(f"corrupt raft message: bad reject flag {reject}")
     (context_length,) = r.unpack(_U32, "context length")
     context = r.take(context_length, "context")
-    entries = []
+    entries: list[Entry] = []
     for _ in range(r.count(_ENTRY.size, "entry")):
         e_term, e_index, e_type, e_length = r.unpack(_ENTRY, "entry")
         try:
             entry_type = EntryType(e_type)
         except ValueError:
             raise CodecError(f"corrupt raft message: bad entry type {e_type}") from None
+        if entries and e_index != entries[-1].index + 1:
+            # One message carries one run of a log; a gap would tear the receiver's log.
+            raise CodecError(
+                f"corrupt raft message: entry {e_index} follows entry {entries[-1].index}"
+            )
         entries.append(Entry(e_term, e_index, entry_type, r.take(e_length, "entry data")))
     snapshot = None
     if r.flag("snapshot present"):

@@ -193,6 +193,20 @@ def _decode_change(entry: Entry) -> ConfChange | None:
         return None
 
 
+def _well_formed_append(m: Message) -> bool:
+    """Whether an APPEND's entries follow its (index, log_term) as a leader's log does.
+
+    Consecutive indexes from ``m.index + 1``, terms never falling, none
+    below ``m.log_term`` and none above the leader's ``m.term``.
+    """
+    index, term = m.index, m.log_term
+    for entry in m.entries:
+        if entry.index != index + 1 or not term <= entry.term <= m.term:
+            return False
+        index, term = entry.index, entry.term
+    return True
+
+
 class RaftCore:
     """One Raft peer as a deterministic state machine; see the module docstring."""
 
@@ -1038,7 +1052,9 @@ class RaftCore:
             )
             return
         entries = m.entries
-        if entries and entries[0].index != m.index + 1:
+        if not _well_formed_append(m):
+            # No leader sends this; taking it would break the log's contiguity
+            # (and halt the driver when it persists the gap), so drop it.
             return
         if m.index <= self.last_index and self.term_at(m.index) == m.log_term:
             last_new = m.index + len(entries)

@@ -540,17 +540,28 @@ class _Simulation:
                     f"node {node.id} got a snapshot at {meta.index} term {meta.term} disagreeing with the committed log"
                 )
 
+    def check_election(self, node: _Node) -> None:
+        """Election Safety: at most one leader per term.
+
+        Checked after every input as well as every Ready, so a leadership
+        that ends at the next message of the same step is not missed.
+        """
+        core = node.core
+        if core is None or core.role is not Role.LEADER:
+            return
+        holder = self.leader_of_term.setdefault(core.term, node.id)
+        if holder != node.id:
+            raise Violation(
+                f"Election Safety: nodes {holder} and {node.id} both led term {core.term}"
+            )
+
     def check_node(self, node: _Node) -> None:
         """Election Safety, Leader Append-Only and Leader Completeness, after each Ready."""
         core = node.core
         assert core is not None
         term = core.term
         if core.role is Role.LEADER:
-            holder = self.leader_of_term.setdefault(term, node.id)
-            if holder != node.id:
-                raise Violation(
-                    f"Election Safety: nodes {holder} and {node.id} both led term {term}"
-                )
+            self.check_election(node)
             lead_term, lead_last = node.led
             if lead_term == term and core.last_index < lead_last:
                 raise Violation(
@@ -798,6 +809,7 @@ class _Simulation:
                             f"snapshot {message.from_}->{message.to} at {message.snapshot.metadata.index if message.snapshot else '?'}"
                         )
                     node.core.step(message)
+                    self.check_election(node)
                 for sender, peer in self.network.unreachable:
                     # A transport notices only some failed sends.
                     sender_core = self.nodes[sender].core
@@ -808,6 +820,7 @@ class _Simulation:
                     # Clocks drift: now and then a node misses a tick.
                     if node.core is not None and self.rng.random() >= 0.05:
                         node.core.tick()
+                        self.check_election(node)
                 for node in self.nodes.values():
                     self.process(node)
                 self.run_clients()

@@ -31,6 +31,16 @@ entries = st.builds(
     type=st.sampled_from(list(EntryType)),
     data=st.binary(max_size=64),
 )
+
+
+@st.composite
+def entry_runs(draw: st.DrawFn) -> tuple[Entry, ...]:
+    """Up to five entries with consecutive indexes (one run of a log), from any start."""
+    run = draw(st.lists(entries, max_size=5))
+    first = draw(st.integers(0, 2**64 - 1 - len(run)))
+    return tuple(attrs.evolve(e, index=first + i) for i, e in enumerate(run))
+
+
 snapshots = st.builds(
     Snapshot,
     metadata=st.builds(
@@ -49,7 +59,7 @@ messages = st.builds(
     term=u64,
     log_term=u64,
     index=u64,
-    entries=st.lists(entries, max_size=5).map(tuple),
+    entries=entry_runs(),
     commit=u64,
     reject=st.booleans(),
     reject_hint=u64,
@@ -182,6 +192,14 @@ def test_bad_entry_type_is_refused() -> None:
     data[type_offset] = 9
     with pytest.raises(CodecError, match="bad entry type 9"):
         decode_message(bytes(data))
+
+
+def test_entries_with_a_gap_are_refused() -> None:
+    """Entries whose indexes are not consecutive are corruption: a receiver would tear its log on them."""
+    for indexes in ((1, 3), (5, 5), (7, 6)):
+        m = Message(MessageType.APPEND, to=2, from_=1, entries=tuple(Entry(1, i) for i in indexes))
+        with pytest.raises(CodecError, match=f"entry {indexes[1]} follows entry {indexes[0]}"):
+            decode_message(encode_message(m))
 
 
 def test_bad_snapshot_flag_is_refused() -> None:

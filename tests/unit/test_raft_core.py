@@ -961,6 +961,25 @@ def test_stale_and_misaddressed_messages_are_ignored() -> None:
     assert (leader.term, leader.role, _log(leader), leader.commit_index) == state
 
 
+def test_malformed_appends_are_ignored_and_leave_the_log_whole() -> None:
+    """An APPEND no leader could send (a gap, a falling term, a term past the leader's) changes nothing."""
+    core = RaftCore(Config(2, frozenset({1, 2, 3})), random.Random(2))
+    for entries, log_term in (
+        ((Entry(1, 1), Entry(1, 3)), 0),  # index 2 missing
+        ((Entry(2, 1), Entry(1, 2)), 0),  # terms fall
+        ((Entry(5, 1),), 0),  # an entry from after the sender's term
+        ((Entry(1, 1),), 2),  # an entry older than the one it follows
+    ):
+        core.step(
+            _msg(MessageType.APPEND, 2, 1, 2, index=0, log_term=log_term, entries=entries, commit=1)
+        )
+        assert _log(core) == [] and core.commit_index == 0
+    assert not any(m.type is MessageType.APPEND_RESPONSE for m in _drain(core))
+    # The same leader's well-formed APPEND is taken as usual.
+    core.step(_msg(MessageType.APPEND, 2, 1, 2, index=0, entries=(Entry(1, 1), Entry(2, 2))))
+    assert _log(core) == [(1, 1), (2, 2)]
+
+
 def test_new_node_learns_membership_from_a_snapshot() -> None:
     """A node added after compaction gets the membership from the snapshot's conf state, then the change itself."""
     net = Network([1, 2, 3])

@@ -9,8 +9,17 @@ import sys
 
 import pytest
 
-from gitstratum.raft.simulate import FAULT_KINDS, SeedResult, SimDisk, main, run_seed
-from gitstratum.raft.types import Entry, HardState, Snapshot, SnapshotMetadata
+from gitstratum.raft.core import Config, RaftCore
+from gitstratum.raft.simulate import (
+    FAULT_KINDS,
+    SeedResult,
+    SimDisk,
+    Violation,
+    _Simulation,
+    main,
+    run_seed,
+)
+from gitstratum.raft.types import Entry, HardState, Role, Snapshot, SnapshotMetadata
 
 CI_SEEDS_5 = range(200)
 CI_SEEDS_3 = range(1000, 1050)
@@ -153,3 +162,18 @@ def test_disk_snapshots() -> None:
     _, snapshot, entries = disk.load()
     assert snapshot is not None and snapshot.data == b"s5"
     assert entries == ()
+
+
+def test_two_leaders_in_one_term_are_caught_before_any_ready() -> None:
+    """Election Safety is checked on each input, not only after a Ready: a second leader of a
+    term is a violation even while neither has handed the driver a Ready yet."""
+    sim = _Simulation(0, 3, 10, None, "empty")
+    for node_id in (1, 2):
+        # Two single-voter cores: each elects itself in term 1 without any message.
+        core = RaftCore(Config(node_id, frozenset({node_id})), random.Random(node_id))
+        core.campaign()
+        assert core.role is Role.LEADER and core.term == 1
+        sim.nodes[node_id].core = core
+    sim.check_election(sim.nodes[1])
+    with pytest.raises(Violation, match="nodes 1 and 2 both led term 1"):
+        sim.check_election(sim.nodes[2])

@@ -262,6 +262,20 @@ def test_corrupt_frames_drop_the_connection_but_not_the_node() -> None:
     assert c.received[1] == [_append(2, 1)]
 
 
+def test_an_append_with_a_gap_in_its_entries_drops_the_connection() -> None:
+    """A well-framed APPEND whose entries skip an index is refused at the edge, never handed to the core."""
+    c = Cluster([1])
+    protocol, transport = _server(c, 1)
+    torn = Message(MessageType.APPEND, to=1, from_=3, term=1, entries=(Entry(1, 1), Entry(1, 3)))
+    with _warnings() as warnings:
+        protocol.dataReceived(
+            _handshake(3, 1) + _frames(pack_frames([(0, encode_message(torn))])[0])
+        )
+    assert transport.disconnecting
+    assert [w["reason"] for w in warnings] == ["corrupt raft message: entry 3 follows entry 1"]
+    assert c.received[1] == []
+
+
 def test_bad_frame_stream_drops_the_connection() -> None:
     """A chunk out of sequence is a protocol error: one log line, connection dropped, nothing delivered."""
     c = Cluster([1])
