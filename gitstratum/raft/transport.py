@@ -348,6 +348,12 @@ class RaftAMP(amp.AMP):
             reason = f"impossible sender id {sender}"
             self._refuse(sender, reason)
             raise WrongNode(reason)
+        if sender not in self._raft.peers:
+            # A stranger could still disrupt the group with a higher term; a
+            # joining node is given its peers' addresses before it is added.
+            reason = f"node {sender} is not a known peer"
+            self._refuse(sender, reason)
+            raise WrongNode(reason)
         self.peer = sender
         self._ready = True
         return {"version": CODEC_VERSION, "node": me}

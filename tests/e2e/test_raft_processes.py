@@ -116,7 +116,7 @@ def raw_exchange(port: int, payload: bytes, timeout: float = 5.0) -> bytes:
 def test_corrupt_and_incompatible_messages_drop_the_connection_not_the_node(
     cluster: RaftCluster,
 ) -> None:
-    """Bytes that are not AMP, an unknown command, an incompatible codec version, a message before
+    """Bytes that are not AMP, an unknown command, a stranger, an incompatible codec version, a message before
     the handshake, a broken frame and an undecodable message on a member's raft port: each gets one
     log line and a closed connection; the member keeps running and the group keeps committing."""
     leader = cluster.leader(timeout=10)
@@ -127,7 +127,7 @@ def test_corrupt_and_incompatible_messages_drop_the_connection_not_the_node(
     payloads = [
         b"\xff\xff" + bytes(range(256)) * 4,  # not AMP at all
         unknown.serialize(),
-        *corrupt_raft_payloads(victim),
+        *corrupt_raft_payloads(victim, impostor=leader),
     ]
     for payload in payloads:
         raw_exchange(port, payload)  # returns only once the node closed the connection
@@ -145,23 +145,30 @@ def test_corrupt_and_incompatible_messages_drop_the_connection_not_the_node(
         assert client.call(NodeStatus)["leader"] == leader
 
 
-def corrupt_raft_payloads(victim: NodeId) -> list[bytes]:
-    """The Raft transport's own commands carrying what a node must refuse."""
-    from_a_stranger = amp.AmpBox(
-        _command=Handshake.commandName,
-        _ask=b"1",
-        version=str(CODEC_VERSION).encode(),
-        sender=b"99",
-        receiver=str(victim).encode(),
-    ).serialize()
+def corrupt_raft_payloads(victim: NodeId, impostor: NodeId) -> list[bytes]:
+    """The Raft transport's own commands carrying what a node must refuse.
+
+    The broken frames come after a valid handshake claiming to be *impostor*
+    (a member), so they reach the frame and codec checks.
+    """
+
+    def hello(sender: NodeId) -> bytes:
+        return amp.AmpBox(
+            _command=Handshake.commandName,
+            _ask=b"1",
+            version=str(CODEC_VERSION).encode(),
+            sender=str(sender).encode(),
+            receiver=str(victim).encode(),
+        ).serialize()
 
     def messages(frames: bytes) -> bytes:
         return (
-            from_a_stranger
+            hello(impostor)
             + amp.AmpBox(_command=RaftMessages.commandName, frames=frames).serialize()
         )
 
     return [
+        hello(99),  # not a member
         amp.AmpBox(  # a future codec version
             _command=Handshake.commandName,
             _ask=b"1",

@@ -65,7 +65,11 @@ class Cluster:
     """Transports for some nodes on one MemoryReactorClock, connected by iosim pumps."""
 
     def __init__(
-        self, nodes: list[NodeId], listening: list[NodeId] | None = None, **kw: Any
+        self,
+        nodes: list[NodeId],
+        listening: list[NodeId] | None = None,
+        known: tuple[NodeId, ...] = (),
+        **kw: Any,
     ) -> None:
         self.reactor = MemoryReactorClock()
         self.completer = ConnectionCompleter(self.reactor)
@@ -76,7 +80,7 @@ class Cluster:
         for n in nodes:
             t = AMPTransport(
                 n,
-                {m: ADDRESSES[m] for m in nodes},
+                {m: ADDRESSES[m] for m in (*nodes, *known)},
                 self.reactor,
                 retry_policy=_policy,
                 unreachable=self.unreachable[n].append,
@@ -245,7 +249,7 @@ def test_messages_to_self_and_unknown_peers_are_not_sent() -> None:
 
 def test_corrupt_frames_drop_the_connection_but_not_the_node() -> None:
     """A peer sending a corrupt message gets one log line and a dropped connection; others keep working."""
-    c = Cluster([1, 2])
+    c = Cluster([1, 2], known=(3,))
     c.start()
     c.connect()
     protocol, transport = _server(c, 1)
@@ -264,7 +268,7 @@ def test_corrupt_frames_drop_the_connection_but_not_the_node() -> None:
 
 def test_an_append_with_a_gap_in_its_entries_drops_the_connection() -> None:
     """A well-framed APPEND whose entries skip an index is refused at the edge, never handed to the core."""
-    c = Cluster([1])
+    c = Cluster([1], known=(3,))
     protocol, transport = _server(c, 1)
     torn = Message(MessageType.APPEND, to=1, from_=3, term=1, entries=(Entry(1, 1), Entry(1, 3)))
     with _warnings() as warnings:
@@ -278,7 +282,7 @@ def test_an_append_with_a_gap_in_its_entries_drops_the_connection() -> None:
 
 def test_bad_frame_stream_drops_the_connection() -> None:
     """A chunk out of sequence is a protocol error: one log line, connection dropped, nothing delivered."""
-    c = Cluster([1])
+    c = Cluster([1], known=(3,))
     protocol, transport = _server(c, 1)
     first, second, _ = pack_frames([(5, encode_message(_append(3, 1, data=bytes(2 * CHUNK_SIZE))))])
     with _warnings() as warnings:
@@ -290,7 +294,7 @@ def test_bad_frame_stream_drops_the_connection() -> None:
 
 def test_incompatible_version_is_refused() -> None:
     """A handshake with another codec version gets an INCOMPATIBLE_VERSION error, one log line, and a hang-up."""
-    c = Cluster([1])
+    c = Cluster([1], known=(3,))
     protocol, transport = _server(c, 1)
     with _warnings() as warnings:
         protocol.dataReceived(_handshake(3, 1, version=CODEC_VERSION + 1) + _frames(b"ignored"))
@@ -302,7 +306,7 @@ def test_incompatible_version_is_refused() -> None:
 
 def test_unknown_command_is_refused() -> None:
     """An unknown AMP command is not answered: one log line and the connection is dropped."""
-    c = Cluster([1])
+    c = Cluster([1], known=(3,))
     protocol, transport = _server(c, 1)
     with _warnings() as warnings:
         protocol.dataReceived(_handshake(3, 1) + _box(_command=b"StartTLS", _ask=b"2"))
@@ -324,7 +328,7 @@ def test_messages_before_the_handshake_are_refused() -> None:
 
 def test_misaddressed_messages_are_refused() -> None:
     """A message whose sender or receiver disagrees with the handshake is refused, not delivered."""
-    c = Cluster([1])
+    c = Cluster([1], known=(3,))
     protocol, transport = _server(c, 1)
     with _warnings() as warnings:
         protocol.dataReceived(
@@ -474,6 +478,17 @@ def test_stop_hangs_up_everything() -> None:
     c.transports[1].send([_append(1, 2)])
     assert c.transports[1].dropped == 1
     assert all(p.serverIO.disconnected or p.clientIO.disconnected for p in c.pumps)
+
+
+def test_a_stranger_is_refused_at_the_handshake() -> None:
+    """A node id this transport has no address for is refused: it could disrupt the group."""
+    c = Cluster([1])
+    protocol, transport = _server(c, 1)
+    with _warnings() as warnings:
+        protocol.dataReceived(_handshake(3, 1) + _frames(b"ignored"))
+    assert transport.disconnecting
+    assert [w["reason"] for w in warnings] == ["node 3 is not a known peer"]
+    assert c.received[1] == []
 
 
 def test_silent_peer_times_out_the_handshake() -> None:
