@@ -68,6 +68,10 @@ class Config:
     #: pipelined APPENDs in flight per follower before the leader waits
     max_inflight_msgs: int = 256
     max_committed_size_per_ready: int = 1 << 22
+    #: bytes of proposed, not yet committed entry data a leader holds before
+    #: it refuses proposals (ProposalDropped); 0 for no limit.  One proposal
+    #: is always taken when nothing is uncommitted, however big.
+    max_uncommitted_size: int = 1 << 26
     pre_vote: bool = True
     check_quorum: bool = True
 
@@ -78,6 +82,8 @@ class Config:
             raise ValueError("election_tick must exceed heartbeat_tick, which must be >= 1")
         if self.max_inflight_msgs < 1:
             raise ValueError("max_inflight_msgs must be >= 1")
+        if self.max_uncommitted_size < 0:
+            raise ValueError("max_uncommitted_size cannot be negative")
 
 
 class ProgressState(enum.Enum):
@@ -256,6 +262,7 @@ class RaftCore:
         self._progress: dict[NodeId, Progress] = {}
         self._lead_transferee: NodeId = NONE
         self._reads_waiting_commit: list[bytes] = []
+        self._uncommitted_size = 0
         self._reads: dict[bytes, _ReadRequest] = {}
         self._read_queue: deque[bytes] = deque()
 
@@ -360,8 +367,19 @@ class RaftCore:
             self._start_election(transfer=False)
 
     def propose(self, data: bytes) -> tuple[int, int]:
-        """Append ``data`` as a NORMAL entry; return its (term, index)."""
+        """Append ``data`` as a NORMAL entry; return its (term, index).
+
+        ProposalDropped when ``max_uncommitted_size`` bytes already wait to
+        commit: a leader cut off from its quorum must not grow without bound.
+        """
         self._check_can_propose()
+        limit = self._config.max_uncommitted_size
+        if limit and self._uncommitted_size and self._uncommitted_size + len(data) > limit:
+            raise ProposalDropped(
+                f"{self._uncommitted_size} bytes of proposals are waiting to commit"
+                f" (max_uncommitted_size {limit})"
+            )
+        self._uncommitted_size += len(data)
         return self._propose_entry(EntryType.NORMAL, data)
 
     def propose_conf_change(self, change: ConfChange) -> tuple[int, int]:
@@ -647,6 +665,7 @@ class RaftCore:
         self._votes = {}
         self._progress = {}
         self._lead_transferee = NONE
+        self._uncommitted_size = 0
         self._reads_waiting_commit = []
         self._reads = {}
         self._read_queue.clear()
@@ -878,6 +897,9 @@ class RaftCore:
         if candidate <= self._commit or self.term_at(candidate) != self._term:
             return False
         was_in_term = self.term_at(self._commit) == self._term
+        if self._uncommitted_size:
+            done = sum(len(e.data) for e in self.entries(self._commit + 1, candidate + 1))
+            self._uncommitted_size = max(0, self._uncommitted_size - done)
         self._commit = candidate
         if not was_in_term and self._reads_waiting_commit:
             waiting, self._reads_waiting_commit = self._reads_waiting_commit, []

@@ -621,6 +621,25 @@ def test_flow_control_caps_appends_in_flight() -> None:
     assert leader.commit_index == leader.last_index
 
 
+def test_a_leader_cut_off_from_its_quorum_stops_taking_proposals_at_the_byte_limit() -> None:
+    """max_uncommitted_size bounds what an isolated leader holds; commits make room again."""
+    net = Network([1, 2, 3], max_uncommitted_size=100)
+    leader = net.elect(1)
+    net.isolate(1)
+    leader.propose(b"x" * 150)  # nothing waits yet: one proposal always goes, however big
+    with pytest.raises(ProposalDropped, match="waiting to commit"):
+        leader.propose(b"y")
+    net.heal()
+    for _ in range(3):
+        leader.tick()
+    net.deliver()
+    assert leader.role is Role.LEADER and leader.commit_index == leader.last_index
+    for _ in range(3):
+        leader.propose(b"z" * 30)
+    with pytest.raises(ProposalDropped):
+        leader.propose(b"z" * 30)
+
+
 def test_max_size_per_msg_splits_but_always_sends_one_entry() -> None:
     """APPENDs carry at most max_size_per_msg bytes of data, yet one oversized entry still goes."""
     net = Network([1, 2], max_size_per_msg=10)
