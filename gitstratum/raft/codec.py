@@ -2,7 +2,7 @@
 
 Layout, all integers big-endian::
 
-    header   version u8, message type u8, body length u32
+    header   version u8, message type u8, body length u32, body CRC-32 u32
     body     to u64, from u64, term u64, log_term u64, index u64, commit u64,
              reject u8, reject_hint u64,
              context (length u32, bytes),
@@ -15,13 +15,16 @@ Layout, all integers big-endian::
 The body length in the header lets the decoder tell a truncated message
 (fewer bytes than declared) and trailing bytes (more) from corruption inside
 the body: once the body is known to be complete, any length or count that
-reaches past its end is absurd rather than truncated.  A change to this
-layout must bump ``CODEC_VERSION``; peers refuse versions they do not speak.
+reaches past its end is absurd rather than truncated.  The CRC-32 catches
+what TCP's 16-bit checksum lets through, before a flipped bit is persisted
+and applied on one replica only.  A change to this layout must bump
+``CODEC_VERSION``; peers refuse versions they do not speak.
 """
 
 from __future__ import annotations
 
 import struct
+import zlib
 
 from gitstratum.raft.types import (
     ConfState,
@@ -36,9 +39,9 @@ from gitstratum.raft.types import (
 __all__ = ["CODEC_VERSION", "CodecError", "encode_message", "decode_message"]
 
 #: The layout version written in every message's first byte.
-CODEC_VERSION = 1
+CODEC_VERSION = 2
 
-_HEADER = struct.Struct(">BBI")
+_HEADER = struct.Struct(">BBII")  # version, type, body length, body CRC-32
 _FIXED = struct.Struct(">QQQQQQBQ")  # to, from, term, log_term, index, commit, reject, hint
 _ENTRY = struct.Struct(">QQBI")  # term, index, type, data length
 _SNAPSHOT = struct.Struct(">QQ")  # index, term
@@ -113,10 +116,10 @@ def encode_message(message: Message) -> bytes:
         parts.append(_encode_ids(meta.conf_state.learners, "learner id"))
         parts.append(_U32.pack(_length(m.snapshot.data, "snapshot data")))
         parts.append(m.snapshot.data)
-    body_length = sum(len(p) for p in parts)
-    if body_length > _MAX_U32:
-        raise CodecError(f"cannot encode raft message: {body_length} bytes, over 4 GiB")
-    return _HEADER.pack(CODEC_VERSION, int(m.type), body_length) + b"".join(parts)
+    body = b"".join(parts)
+    if len(body) > _MAX_U32:
+        raise CodecError(f"cannot encode raft message: {len(body)} bytes, over 4 GiB")
+    return _HEADER.pack(CODEC_VERSION, int(m.type), len(body), zlib.crc32(body)) + body
 
 
 class _Reader:
@@ -174,7 +177,7 @@ def decode_message(data: bytes) -> Message:
         raise CodecError(
             f"truncated raft message: {len(view)} bytes, shorter than the {_HEADER.size}-byte header"
         )
-    version, type_value, body_length = _HEADER.unpack_from(view)
+    version, type_value, body_length, checksum = _HEADER.unpack_from(view)
     if version != CODEC_VERSION:
         raise CodecError(
             f"unsupported raft codec version {version} (this node speaks version {CODEC_VERSION})"
@@ -190,6 +193,8 @@ def decode_message(data: bytes) -> Message:
         raise CodecError(
             f"trailing bytes after raft message: {len(view) - end} past its {end} bytes"
         )
+    if zlib.crc32(view[_HEADER.size :]) != checksum:
+        raise CodecError("corrupt raft message: its checksum does not match its bytes")
     r = _Reader(view[_HEADER.size :])
     to, from_, term, log_term, index, commit, reject, reject_hint = r.unpack(_FIXED, "fixed fields")
     if reject > 1:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import zlib
 
 import attrs
 import pytest
@@ -68,8 +69,14 @@ messages = st.builds(
 )
 
 # Offsets of fields in an encoded message: the header, then the fixed fields.
-_HEADER = 6
+_HEADER = 10
 _REJECT = _HEADER + 6 * 8
+
+
+def _sealed(data: bytearray) -> bytes:
+    """*data* with its body checksum made right again, so a test reaches the check after it."""
+    data[6:10] = struct.pack(">I", zlib.crc32(bytes(data[_HEADER:])))
+    return bytes(data)
 
 
 def _full_message() -> Message:
@@ -174,12 +181,22 @@ def test_trailing_bytes_are_refused() -> None:
         decode_message(encode_message(_full_message()) + b"\x00")
 
 
+def test_a_flipped_bit_fails_the_checksum() -> None:
+    """Any single bit flipped in the body is caught by the CRC-32 before a field is believed."""
+    data = bytearray(encode_message(_full_message()))
+    for bit in range(0, (len(data) - _HEADER) * 8, 37):
+        flipped = bytearray(data)
+        flipped[_HEADER + bit // 8] ^= 1 << (bit % 8)
+        with pytest.raises(CodecError, match="checksum does not match"):
+            decode_message(bytes(flipped))
+
+
 def test_bad_reject_flag_is_refused() -> None:
     """The reject byte must be 0 or 1."""
     data = bytearray(encode_message(_full_message()))
     data[_REJECT] = 2
     with pytest.raises(CodecError, match="bad reject flag 2"):
-        decode_message(bytes(data))
+        decode_message(_sealed(data))
 
 
 def test_bad_entry_type_is_refused() -> None:
@@ -191,7 +208,7 @@ def test_bad_entry_type_is_refused() -> None:
     assert data[type_offset] == EntryType.NORMAL
     data[type_offset] = 9
     with pytest.raises(CodecError, match="bad entry type 9"):
-        decode_message(bytes(data))
+        decode_message(_sealed(data))
 
 
 def test_entries_with_a_gap_are_refused() -> None:
@@ -208,7 +225,7 @@ def test_bad_snapshot_flag_is_refused() -> None:
     assert data[-1] == 0
     data[-1] = 7
     with pytest.raises(CodecError, match="bad snapshot present flag 7"):
-        decode_message(bytes(data))
+        decode_message(_sealed(data))
 
 
 def test_absurd_entry_count_is_refused() -> None:
@@ -217,7 +234,7 @@ def test_absurd_entry_count_is_refused() -> None:
     count_offset = _HEADER + 57 + 4
     data[count_offset : count_offset + 4] = struct.pack(">I", 2**32 - 1)
     with pytest.raises(CodecError, match="absurd entry count 4294967295"):
-        decode_message(bytes(data))
+        decode_message(_sealed(data))
 
 
 def test_absurd_context_length_is_refused() -> None:
@@ -226,12 +243,13 @@ def test_absurd_context_length_is_refused() -> None:
     offset = _HEADER + 57
     data[offset : offset + 4] = struct.pack(">I", 10**6)
     with pytest.raises(CodecError, match="absurd context length 1000000"):
-        decode_message(bytes(data))
+        decode_message(_sealed(data))
 
 
 def test_body_shorter_than_its_fields_is_refused() -> None:
     """A header that declares a body too short for the fixed fields is corruption."""
-    data = struct.pack(">BBI", CODEC_VERSION, MessageType.VOTE, 3) + b"\x00\x00\x00"
+    body = b"\x00\x00\x00"
+    data = struct.pack(">BBII", CODEC_VERSION, MessageType.VOTE, 3, zlib.crc32(body)) + body
     with pytest.raises(CodecError, match="fixed fields needs 57 bytes"):
         decode_message(data)
 
