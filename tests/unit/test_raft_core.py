@@ -24,41 +24,16 @@ from gitstratum.raft.types import (
     NotLeader,
     ProposalDropped,
     ReadState,
-    Ready,
     Role,
     Snapshot,
 )
-
-
-@attrs.define
-class Disk:
-    """What a driver would have made durable for one node (IRaftLog's semantics, in memory)."""
-
-    hard_state: HardState = HardState()
-    snapshot: Snapshot | None = None
-    entries: list[Entry] = attrs.Factory(list)
-
-    def save(self, ready: Ready) -> None:
-        if ready.snapshot is not None:
-            self.snapshot = ready.snapshot
-            self.entries = []
-        if ready.entries:
-            first = ready.entries[0].index
-            if self.entries:
-                del self.entries[max(first - self.entries[0].index, 0) :]
-            self.entries.extend(ready.entries)
-        if ready.hard_state is not None:
-            self.hard_state = ready.hard_state
-
-    def compact(self, snapshot: Snapshot) -> None:
-        self.snapshot = snapshot
-        self.entries = [e for e in self.entries if e.index > snapshot.metadata.index]
+from gitstratum.testing.raft import MemoryDisk
 
 
 class Network:
     """Cores wired together in memory: deliver everything, or drop, cut and isolate links.
 
-    Each node's Ready is persisted to its ``Disk`` and its committed NORMAL
+    Each node's Ready is persisted to its ``MemoryDisk`` and its committed NORMAL
     entries are applied to a list of data, so restarts and snapshots can be
     checked too.
     """
@@ -75,9 +50,9 @@ class Network:
         self.voters = frozenset(self.ids if voters is None else voters)
         self.config = config
         self.seed = seed
-        self.disks = {i: Disk() for i in self.ids}
+        self.disks = {i: MemoryDisk() for i in self.ids}
         self.state: dict[NodeId, list[bytes]] = {i: [] for i in self.ids}
-        self.cores = {i: self._make(i, Disk()) for i in self.ids}
+        self.cores = {i: self._make(i, MemoryDisk()) for i in self.ids}
         self.queue: list[Message] = []
         self.cut_links: set[tuple[NodeId, NodeId]] = set()
         self.down: set[NodeId] = set()
@@ -87,7 +62,9 @@ class Network:
         self.snapshots_received: dict[NodeId, int] = {i: 0 for i in self.ids}
         self.read_states: dict[NodeId, list[ReadState]] = {i: [] for i in self.ids}
 
-    def _make(self, node: NodeId, disk: Disk, voters: frozenset[NodeId] | None = None) -> RaftCore:
+    def _make(
+        self, node: NodeId, disk: MemoryDisk, voters: frozenset[NodeId] | None = None
+    ) -> RaftCore:
         cfg = Config(node, self.voters if voters is None else voters, **self.config)  # type: ignore[arg-type]
         return RaftCore(
             cfg,
@@ -100,7 +77,7 @@ class Network:
     def add_node(self, node: NodeId) -> RaftCore:
         """A brand-new node joining a running cluster: no voters of its own, empty log."""
         self.ids.append(node)
-        self.disks[node] = Disk()
+        self.disks[node] = MemoryDisk()
         self.state[node] = []
         self.snapshots_received[node] = 0
         self.read_states[node] = []

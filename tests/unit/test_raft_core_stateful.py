@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import random
 
-import attrs
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -13,46 +12,16 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from gitstratum.raft.core import Config, RaftCore
 from gitstratum.raft.types import (
     Entry,
-    HardState,
     Message,
     NodeId,
     NotLeader,
     ProposalDropped,
-    Ready,
     Role,
-    Snapshot,
 )
+from gitstratum.testing.raft import MemoryDisk
 
 IDS = (1, 2, 3)
 nodes = st.sampled_from(IDS)
-
-
-@attrs.define
-class Disk:
-    """A node's durable state; what is written but not yet synced is lost in a crash."""
-
-    hard_state: HardState = HardState()
-    snapshot: Snapshot | None = None
-    entries: list[Entry] = attrs.Factory(list)
-
-    def save(self, ready: Ready) -> None:
-        if ready.snapshot is not None:
-            self.snapshot = ready.snapshot
-            self.entries = []
-        if ready.entries:
-            first = ready.entries[0].index
-            if self.entries:
-                del self.entries[max(first - self.entries[0].index, 0) :]
-            self.entries.extend(ready.entries)
-        if ready.hard_state is not None:
-            self.hard_state = ready.hard_state
-
-    def compact(self, snapshot: Snapshot) -> None:
-        self.snapshot = snapshot
-        self.entries = [e for e in self.entries if e.index > snapshot.metadata.index]
-
-    def copy(self) -> Disk:
-        return Disk(self.hard_state, self.snapshot, list(self.entries))
 
 
 def _fold(state: bytes, entry: Entry) -> bytes:
@@ -68,8 +37,8 @@ class RaftSafety(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.written = {i: Disk() for i in IDS}
-        self.durable = {i: Disk() for i in IDS}
+        self.written = {i: MemoryDisk() for i in IDS}
+        self.durable = {i: MemoryDisk() for i in IDS}
         self.cores = {i: self._make(i) for i in IDS}
         self.machine: dict[NodeId, tuple[int, bytes]] = {i: (0, b"") for i in IDS}
         self.network: list[Message] = []
