@@ -72,6 +72,9 @@ class Config:
     #: it refuses proposals (ProposalDropped); 0 for no limit.  One proposal
     #: is always taken when nothing is uncommitted, however big.
     max_uncommitted_size: int = 1 << 26
+    #: ReadIndex requests a leader holds unanswered before it refuses more
+    #: (ProposalDropped); 0 for no limit
+    max_pending_reads: int = 4096
     pre_vote: bool = True
     check_quorum: bool = True
 
@@ -82,8 +85,8 @@ class Config:
             raise ValueError("election_tick must exceed heartbeat_tick, which must be >= 1")
         if self.max_inflight_msgs < 1:
             raise ValueError("max_inflight_msgs must be >= 1")
-        if self.max_uncommitted_size < 0:
-            raise ValueError("max_uncommitted_size cannot be negative")
+        if self.max_uncommitted_size < 0 or self.max_pending_reads < 0:
+            raise ValueError("max_uncommitted_size and max_pending_reads cannot be negative")
 
 
 class ProgressState(enum.Enum):
@@ -409,6 +412,10 @@ class RaftCore:
         """Ask for a linearizable read point; the answer comes as a ``ReadState`` tagged ``context``."""
         if self._role is not Role.LEADER:
             raise NotLeader(self._leader_id)
+        limit = self._config.max_pending_reads
+        pending = len(self._reads_waiting_commit) + len(self._reads)
+        if limit and pending >= limit:
+            raise ProposalDropped(f"{pending} reads are waiting (max_pending_reads {limit})")
         if self.term_at(self._commit) != self._term:
             # Our commit index may lag the true one until our own no-op commits.
             self._reads_waiting_commit.append(context)

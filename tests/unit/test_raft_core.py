@@ -617,6 +617,22 @@ def test_a_leader_cut_off_from_its_quorum_stops_taking_proposals_at_the_byte_lim
         leader.propose(b"z" * 30)
 
 
+def test_reads_a_leader_cannot_confirm_stop_at_max_pending_reads() -> None:
+    """An isolated leader holds at most max_pending_reads unanswered reads, then refuses more."""
+    net = Network([1, 2, 3], max_pending_reads=3)
+    leader = net.elect(1)
+    net.isolate(1)
+    for i in range(3):
+        leader.read_index(b"r%d" % i)
+    with pytest.raises(ProposalDropped, match="reads are waiting"):
+        leader.read_index(b"one too many")
+    net.heal()
+    net.deliver()
+    leader.read_index(b"after")
+    net.deliver()
+    assert leader.role is Role.LEADER
+
+
 def test_max_size_per_msg_splits_but_always_sends_one_entry() -> None:
     """APPENDs carry at most max_size_per_msg bytes of data, yet one oversized entry still goes."""
     net = Network([1, 2], max_size_per_msg=10)
