@@ -40,8 +40,10 @@ from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import (
+    IConsumer,
     IDelayedCall,
     IListeningPort,
+    IPushProducer,
     IReactorTime,
     IStreamClientEndpoint,
     IStreamServerEndpoint,
@@ -228,6 +230,26 @@ class _Peer:
     #: Consecutive refused handshakes; they count as failed attempts for the
     #: backoff (ClientService resets its own count on every TCP connect).
     rejections: int = 0
+    #: The connection's send buffer is over ``max_buffer_bytes``: the peer is
+    #: not reading, so new messages are dropped until it drains.
+    congested: bool = False
+
+
+@implementer(IPushProducer)
+@attrs.define(eq=False)
+class _SendBuffer:
+    """Told by the TCP transport when its send buffer fills and drains (it is never asked to produce)."""
+
+    link: _Peer
+
+    def pauseProducing(self) -> None:
+        self.link.congested = True
+
+    def resumeProducing(self) -> None:
+        self.link.congested = False
+
+    def stopProducing(self) -> None:
+        self.link.congested = False
 
 
 class RaftAMP(amp.AMP):
@@ -255,6 +277,15 @@ class RaftAMP(amp.AMP):
             # each one for the peer's delayed ACK (measured: 4x fewer commits/s).
             self.transport.setTcpNoDelay(True)
         if self._link is not None:
+            # A peer that stops reading would otherwise grow our send buffer
+            # without bound: past this many bytes the transport pauses us and
+            # send() drops (Raft resends) instead of buffering.
+            transport: Any = self.transport
+            if hasattr(transport, "bufferSize"):
+                transport.bufferSize = self._raft.max_buffer_bytes
+            self._link.congested = False
+            if IConsumer.providedBy(transport):
+                transport.registerProducer(_SendBuffer(self._link), True)
             answer = self.callRemote(
                 Handshake, version=CODEC_VERSION, sender=self._raft.node_id, receiver=self.peer
             )
@@ -480,6 +511,8 @@ class AMPTransport:
     max_message_size: int = attrs.field(default=DEFAULT_MAX_MESSAGE_SIZE, kw_only=True)
     #: Seconds a dialled peer has to answer the handshake before we hang up and retry.
     handshake_timeout: float = attrs.field(default=5.0, kw_only=True)
+    #: Bytes a peer's connection may hold unsent before messages to it are dropped.
+    max_buffer_bytes: int = attrs.field(default=16 << 20, kw_only=True)
     #: ``(NodeId) -> None``, told when messages to a peer were dropped or its connection was lost.
     unreachable: Callable[[NodeId], None] = attrs.field(default=_ignore_unreachable, kw_only=True)
     #: Messages dropped (peer down, queue full, unknown peer, too large), for metrics and tests.
@@ -527,6 +560,8 @@ class AMPTransport:
                 link.queue.extend(batch)
                 if overflow:
                     self._drop(node, overflow)
+            elif link.congested:
+                self._drop(node, len(batch))
             else:
                 assert link.protocol is not None
                 self._write(link, link.protocol, batch)

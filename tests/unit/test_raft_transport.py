@@ -429,6 +429,32 @@ def test_queue_while_dialling_is_bounded() -> None:
     assert c.received[2] == [_append(1, 2, i) for i in range(3, 6)]
 
 
+def test_a_peer_that_stops_reading_gets_drops_not_an_ever_growing_buffer() -> None:
+    """While the connection's send buffer is full, messages to that peer are dropped and reported."""
+    c = Cluster([1, 2])
+    t1 = c.transports[1]
+    t1.start()
+    c.connect()
+    link = t1._links[2]
+    assert link.protocol is not None
+    buffer = link.protocol.transport.producer  # what the TCP transport pauses when full
+    # A TCP transport pauses it past bufferSize, which the connection sets:
+    tcp = StringTransport()
+    tcp.bufferSize = 1  # type: ignore[attr-defined]
+    fresh = RaftAMP(t1, link)
+    fresh.makeConnection(tcp)
+    assert tcp.bufferSize == t1.max_buffer_bytes == 16 << 20  # type: ignore[attr-defined]
+    assert tcp.producer is not None and tcp.streaming
+    buffer.pauseProducing()
+    t1.send([_append(1, 2, 1)])
+    c.connect()
+    assert c.received[2] == [] and t1.dropped == 1 and c.unreachable[1] == [2]
+    buffer.resumeProducing()
+    t1.send([_append(1, 2, 2)])
+    c.connect()
+    assert c.received[2] == [_append(1, 2, 2)]
+
+
 def test_lost_connection_is_reported_and_redialled() -> None:
     """When a connection drops the peer is reported unreachable, redialled after the backoff, and used again."""
     c = Cluster([1, 2])
