@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import struct
 import threading
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Concatenate, ParamSpec
 
@@ -50,7 +51,7 @@ from gitstratum.storage._lmdb import delete_prefix, iter_prefix, open_env
 __all__ = ["LMDBRaftLog", "CorruptRaftLog", "FORMAT_VERSION"]
 
 #: The on-disk layout version, checked on open.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 #: Snapshot data is stored in chunks of this size, so a large snapshot is
 #: many ordinary overflow runs rather than one huge contiguous one that the
@@ -58,9 +59,9 @@ FORMAT_VERSION = 1
 SNAPSHOT_CHUNK = 1 << 20
 
 _INDEX = struct.Struct(">Q")
-_ENTRY = struct.Struct(">QB")  # term, type, then the data
+_ENTRY = struct.Struct(">QBI")  # term, type, CRC-32 of (index, term, type, data), then the data
 _HARD = struct.Struct(">QQQ")  # term, vote, commit
-_SNAP = struct.Struct(">QQQ")  # index, term, data length, then the conf state
+_SNAP = struct.Struct(">QQQI")  # index, term, data length, data CRC-32, then the conf state
 _COUNT = struct.Struct(">I")
 _FORMAT = struct.Struct(">I")
 
@@ -74,13 +75,25 @@ class CorruptRaftLog(Exception):
     """The stored log is not one this code wrote: a wrong format version or a hole in the entries."""
 
 
+def _entry_crc(index: int, term: int, entry_type: int, data: bytes | memoryview) -> int:
+    # The index is in the sum, so a value found under the wrong key fails too.
+    return zlib.crc32(data, zlib.crc32(_ENTRY_KEYED.pack(index, term, entry_type)))
+
+
+_ENTRY_KEYED = struct.Struct(">QQB")
+
+
 def _encode_entry(entry: Entry) -> bytes:
-    return _ENTRY.pack(entry.term, int(entry.type)) + entry.data
+    crc = _entry_crc(entry.index, entry.term, int(entry.type), entry.data)
+    return _ENTRY.pack(entry.term, int(entry.type), crc) + entry.data
 
 
 def _decode_entry(index: int, value: bytes | memoryview) -> Entry:
-    term, entry_type = _ENTRY.unpack_from(value)
-    return Entry(term, index, EntryType(entry_type), bytes(value[_ENTRY.size :]))
+    term, entry_type, crc = _ENTRY.unpack_from(value)
+    data = bytes(value[_ENTRY.size :])
+    if _entry_crc(index, term, entry_type, data) != crc:
+        raise CorruptRaftLog(f"raft log entry {index} fails its checksum")
+    return Entry(term, index, EntryType(entry_type), data)
 
 
 def _encode_ids(ids: frozenset[int]) -> bytes:
@@ -98,7 +111,7 @@ def _decode_ids(value: bytes | memoryview, pos: int) -> tuple[frozenset[int], in
 def _encode_snapshot_meta(snapshot: Snapshot) -> bytes:
     meta = snapshot.metadata
     return (
-        _SNAP.pack(meta.index, meta.term, len(snapshot.data))
+        _SNAP.pack(meta.index, meta.term, len(snapshot.data), zlib.crc32(snapshot.data))
         + _encode_ids(meta.conf_state.voters)
         + _encode_ids(meta.conf_state.learners)
     )
@@ -326,15 +339,17 @@ class LMDBRaftLog:
             )
         self._snap_index = snapshot.metadata.index
 
-    def _read_snapshot_meta(self, txn: lmdb.Transaction) -> tuple[SnapshotMetadata, int] | None:
-        """The stored snapshot's metadata and data length, or ``None`` if there is none."""
+    def _read_snapshot_meta(
+        self, txn: lmdb.Transaction
+    ) -> tuple[SnapshotMetadata, int, int] | None:
+        """The stored snapshot's metadata, data length and data CRC-32, or ``None`` if there is none."""
         value = txn.get(_SNAP_META_KEY, db=self._snapshots)
         if value is None:
             return None
-        index, term, length = _SNAP.unpack_from(value)
+        index, term, length, crc = _SNAP.unpack_from(value)
         voters, pos = _decode_ids(value, _SNAP.size)
         learners, _ = _decode_ids(value, pos)
-        return SnapshotMetadata(index, term, ConfState(voters, learners)), length
+        return SnapshotMetadata(index, term, ConfState(voters, learners)), length, crc
 
     def _load(self, txn: lmdb.Transaction) -> tuple[HardState, Snapshot | None, list[Entry]]:
         raw = txn.get(_HARD_KEY, db=self._state)
@@ -342,12 +357,14 @@ class LMDBRaftLog:
         snapshot = None
         stored = self._read_snapshot_meta(txn)
         if stored is not None:
-            meta, length = stored
+            meta, length, crc = stored
             data = b"".join(v for _, v in iter_prefix(txn, self._snapshots, _SNAP_DATA_PREFIX))
             if len(data) != length:
                 raise CorruptRaftLog(
                     f"raft log {self.path}: snapshot data is {len(data)} bytes, its metadata says {length}"
                 )
+            if zlib.crc32(data) != crc:
+                raise CorruptRaftLog(f"raft log {self.path}: snapshot data fails its checksum")
             snapshot = Snapshot(meta, data)
         expected = self._snap_index + 1
         entries = []

@@ -293,6 +293,56 @@ def test_wrong_format_version_is_refused(tmp_path: Path) -> None:
         _log(tmp_path)
 
 
+def _flip_a_byte(tmp_path: Path, db: bytes, key: bytes, offset: int) -> None:
+    """Flip one byte of one stored value, as a bad disk would, behind the log's back."""
+    import lmdb
+
+    env = lmdb.open(str(tmp_path / "raft"), max_dbs=3, map_size=_MAP)
+    with env.begin(write=True) as txn:
+        handle = env.open_db(db, txn=txn)
+        value = bytearray(txn.get(key, db=handle))
+        value[offset] ^= 0x01
+        txn.put(key, bytes(value), db=handle)
+    env.close()
+
+
+def test_a_corrupted_entry_is_refused_on_load(tmp_path: Path) -> None:
+    """A flipped bit in a stored entry fails its checksum when the log is loaded, never applied."""
+    log = _log(tmp_path)
+    log.append([Entry(1, 1, data=b"put a=1"), Entry(1, 2, data=b"put b=2")])
+    log.sync()
+    log.close()
+    _flip_a_byte(tmp_path, b"entries", (2).to_bytes(8, "big"), -1)
+    log = _log(tmp_path)
+    try:
+        with pytest.raises(CorruptRaftLog, match="entry 2 fails its checksum"):
+            log.load()
+    finally:
+        log.close()
+
+
+def test_a_corrupted_snapshot_is_refused_on_load(tmp_path: Path) -> None:
+    """A flipped bit in stored snapshot data fails its checksum when the log is loaded."""
+    log = _log(tmp_path)
+    log.apply_snapshot(_snapshot(5, 1, b"the whole state"))
+    log.sync()
+    log.close()
+    import lmdb
+
+    env = lmdb.open(str(tmp_path / "raft"), max_dbs=3, map_size=_MAP)
+    with env.begin() as txn:
+        handle = env.open_db(b"snapshot", txn=txn)
+        (key,) = [k for k, _ in txn.cursor(handle) if k.startswith(b"data")]
+    env.close()
+    _flip_a_byte(tmp_path, b"snapshot", key, 0)
+    log = _log(tmp_path)
+    try:
+        with pytest.raises(CorruptRaftLog, match="snapshot data fails its checksum"):
+            log.load()
+    finally:
+        log.close()
+
+
 # A model of the log: the list of entries after the snapshot, checked against LMDB.
 _ops = st.lists(
     st.one_of(
