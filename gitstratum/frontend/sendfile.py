@@ -147,8 +147,6 @@ class SendfileProducer(StallLimitedProducer):
     #: seconds one pool hand-off may keep sending (and waiting) before it
     #: goes back to the reactor, so long streams share the pool fairly
     budget: float = 0.5
-    done: Deferred[int] = attrs.field(factory=Deferred)
-    written: int = 0
     _busy: bool = False
     _closed: bool = False
 
@@ -245,12 +243,5 @@ class SendfileProducer(StallLimitedProducer):
         if not (self._busy or self._finished):
             self._next()
 
-    def stopProducing(self) -> None:
-        self._cancel_stall()
-        if self._finished:
-            return
-        self._finished = True
-        self.stopped = True
-        if not self._busy:
-            self._close()
-        self.done.callback(self.written)
+    def _in_flight(self) -> bool:
+        return self._busy

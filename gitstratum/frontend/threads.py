@@ -73,6 +73,9 @@ class StallLimitedProducer:
     stalled: bool = attrs.field(default=False, kw_only=True)
     #: True when the consumer stopped the stream (a client that went away)
     stopped: bool = attrs.field(default=False, kw_only=True)
+    #: fires with the bytes written once the stream ends (or fails with its error)
+    done: Deferred[int] = attrs.field(factory=Deferred, kw_only=True)
+    written: int = attrs.field(default=0, kw_only=True)
     _paused: bool = attrs.field(default=False, kw_only=True)
     _finished: bool = attrs.field(default=False, kw_only=True)
     _stall_call: Any = attrs.field(default=None, kw_only=True)
@@ -94,6 +97,24 @@ class StallLimitedProducer:
         self._cancel_stall()
 
     def stopProducing(self) -> None:
+        """The consumer went away: end the stream with what was written."""
+        self._cancel_stall()
+        if self._finished:
+            return
+        self._finished = True
+        self.stopped = True
+        if not self._in_flight():
+            # Otherwise the work in the pool releases it when it returns, so
+            # the release never races it.
+            self._close()
+        self.done.callback(self.written)
+
+    def _in_flight(self) -> bool:
+        """Whether a blocking call for this stream is running in the pool now."""
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        """Release what the stream holds."""
         raise NotImplementedError
 
     def _cancel_stall(self) -> None:
@@ -131,8 +152,6 @@ class ThreadedIteratorProducer(StallLimitedProducer):
 
     iterator: Iterator[bytes]
     run: BlockingRunner
-    done: Deferred[int] = attrs.field(factory=Deferred)
-    written: int = 0
     _pulling: bool = False
     _looping: bool = False
 
@@ -201,13 +220,5 @@ class ThreadedIteratorProducer(StallLimitedProducer):
         super().resumeProducing()
         self._pull()
 
-    def stopProducing(self) -> None:
-        self._cancel_stall()
-        if self._finished:
-            return
-        self._finished = True
-        self.stopped = True
-        if not self._pulling:
-            # Otherwise _got or _failed closes it, so close never races a pull in the pool.
-            self._close()
-        self.done.callback(self.written)
+    def _in_flight(self) -> bool:
+        return self._pulling
