@@ -82,6 +82,7 @@ from gitstratum.protocol.walker import (
     check_wants,
     compute_shallow,
     enumerate_objects,
+    negotiation_cut,
     ref_peels,
     resolve_want_refs,
 )
@@ -808,7 +809,9 @@ class UploadPackService:
         head = [v0_shallow_section(shallow.shallow, shallow.unshallow)] if request.deepens else []
         if request.awaiting_haves:
             return PlannedResponse(b"".join(head))
-        negotiator = Negotiator(view, [*request.wants, *shallow.extra_wants])
+        negotiator = Negotiator(
+            view, [*request.wants, *shallow.extra_wants], negotiation_cut(shallow)
+        )
         negotiator.prefetch(request.haves)
         acks, send_pack = negotiate_v0(request, negotiator)
         head.append(acks)
@@ -1035,7 +1038,9 @@ class UploadSession:
         check_wants(view, request.wants)
         shallow = compute_shallow(view, request, request.wants)
         self._request, self._shallow = request, shallow
-        self._negotiator = Negotiator(view, [*request.wants, *shallow.extra_wants])
+        self._negotiator = Negotiator(
+            view, [*request.wants, *shallow.extra_wants], negotiation_cut(shallow)
+        )
         self._negotiation = V0Negotiation(request.multi_ack, request.no_done)
         if request.deepens:
             return v0_shallow_section(shallow.shallow, shallow.unshallow)

@@ -329,7 +329,12 @@ class _Reach:
         self.frontier = [self.start]
 
     def reaches(
-        self, view: RepoView, they_have: set[ObjectID], marks: list[ObjectID], cutoff: int
+        self,
+        view: RepoView,
+        they_have: set[ObjectID],
+        marks: list[ObjectID],
+        cutoff: int,
+        cut: frozenset[ObjectID] = frozenset(),
     ) -> bool:
         if any(m in self.met for m in marks[self.marks_seen :]):
             return True
@@ -338,8 +343,8 @@ class _Reach:
             self.frontier.append(heapq.heappop(self.parked)[1])
         while self.frontier:
             parents = []
-            for info in view.commits(self.frontier).values():
-                for p in info.parents:
+            for oid, info in view.commits(self.frontier).items():
+                for p in () if oid in cut else info.parents:
                     if p in they_have:
                         return True
                     if p not in self.met:
@@ -365,6 +370,10 @@ class Negotiator:
 
     view: RepoView
     wants: Sequence[ObjectID]
+    #: commits git has registered as shallow by the time haves are read
+    #: (the new boundary and the client's shallows that stay shallow):
+    #: parentless for negotiation, as git's register_shallow makes them
+    cut: frozenset[ObjectID] = frozenset()
     have_objs: list[ObjectID] = attrs.field(factory=list, init=False)
     _they_have: set[ObjectID] = attrs.field(factory=set, init=False)
     _marks: list[ObjectID] = attrs.field(factory=list, init=False)  # _they_have, in order
@@ -391,7 +400,7 @@ class Negotiator:
             if info is not None:
                 if self._oldest_have is None or info.commit_time < self._oldest_have:
                     self._oldest_have = info.commit_time
-                for parent in info.parents:
+                for parent in () if oid in self.cut else info.parents:
                     self._mark(parent)
             if known:
                 return 0
@@ -415,7 +424,9 @@ class Negotiator:
             self._pending = [_Reach(c) for c in self._want_commits()]
         cutoff = self._oldest_have or 0
         while self._pending:
-            if not self._pending[0].reaches(self.view, self._they_have, self._marks, cutoff):
+            if not self._pending[0].reaches(
+                self.view, self._they_have, self._marks, cutoff, self.cut
+            ):
                 return False
             self._pending.pop(0)
         return True
@@ -444,6 +455,16 @@ class ShallowPlan:
     client: tuple[ObjectID, ...] = ()
     extra_wants: tuple[ObjectID, ...] = ()
     cut: frozenset[ObjectID] = frozenset()
+
+
+def negotiation_cut(shallow: ShallowPlan) -> frozenset[ObjectID]:
+    """The commits v0 negotiation treats as parentless: the cut, less what is being unshallowed.
+
+    git has already answered the deepen when it reads haves: new boundary
+    commits and client shallows that stay shallow are registered (their
+    parents dropped), while unshallowed ones were parsed again, parents and all.
+    """
+    return shallow.cut - frozenset(shallow.unshallow)
 
 
 def compute_shallow(
