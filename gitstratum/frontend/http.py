@@ -25,7 +25,7 @@ from twisted.web.http import _getContentFile  # the size-based BytesIO/tempfile 
 from twisted.web.iweb import IRequest
 
 from gitstratum.core.limits import Limits
-from gitstratum.core.pktline import PktLineError, error_pkt
+from gitstratum.core.pktline import FLUSH_PKT, PktLineError, error_pkt
 from gitstratum.frontend.admin_api import AdminAPI
 from gitstratum.frontend.admission import Overloaded
 from gitstratum.frontend.auth import Authorizer
@@ -35,7 +35,7 @@ from gitstratum.frontend.sendfile import SendfileProducer, direct_socket
 from gitstratum.frontend.threads import BlockingRunner, ThreadedIteratorProducer
 from gitstratum.protocol import receive_pack
 from gitstratum.protocol.ingest import PushProcessor
-from gitstratum.protocol.upload_pack import UploadPackError
+from gitstratum.protocol.upload_pack import SIDEBAND_64K, UploadPackError, frame_band
 from gitstratum.protocol.upload_service import Caller, PlannedResponse, UploadPackService
 from gitstratum.storage.interfaces import IMetadataStore, Permission, Repository
 
@@ -182,6 +182,18 @@ def _gunzip_to_spool(content: IO[bytes], limit: int, spool_dir: str | None) -> I
 
 #: bytes per send() while a pack streams (Twisted's default is 128 KiB)
 STREAM_SEND_LIMIT = 4 << 20
+
+
+def _asks_sideband(content: IO[bytes]) -> bool:
+    """Whether a push body's first command line asks for side-band-64k (read from the spool)."""
+    content.seek(0)
+    head = content.read(4)
+    try:
+        length = int(head, 16)
+    except ValueError:
+        return False
+    line = content.read(max(0, length - 4)) if 4 < length <= 65520 else b""
+    return b"side-band-64k" in line.partition(b"\0")[2].split()
 
 
 def _raise_send_limit(request: IRequest) -> None:
@@ -520,10 +532,15 @@ class GitHTTP:
             self._finish(ex)
             return self._plain(request, 413, str(e))
         except (receive_pack.ReceivePackError, PktLineError, ValueError) as e:
-            ex.status, ex.outcome = 400, "bad_request"
+            # 200 with an ERR packet, as for upload-pack: git prints "remote
+            # error: <why>", where a 4xx shows only "RPC failed; HTTP 400".
+            ex.status, ex.outcome = 200, "bad_request"
             self._finish(ex)
-            request.setResponseCode(400)
             request.setHeader(b"Content-Type", b"application/x-git-receive-pack-result")
+            if await self.run(_asks_sideband, content):
+                # git reads the answer through side-band-64k when it asked
+                # for it: an ERR packet there would be "bad band #69".
+                return frame_band(3, f"error: {e}\n".encode(), SIDEBAND_64K) + FLUSH_PKT
             return error_pkt(str(e))
         request.setHeader(b"Content-Type", b"application/x-git-receive-pack-result")
         for k, v in _NO_CACHE.items():

@@ -369,3 +369,24 @@ def test_oversized_push_is_413(tmp_path: Path, repo_root: Path) -> None:
         assert srv.alive()
     finally:
         srv.stop()
+
+
+def test_too_many_ref_updates_shows_git_the_reason(tmp_path: Path, repo_root: Path) -> None:
+    """A push over --max-push-commands fails with the reason printed by git, and changes no ref."""
+    srv = Server(tmp_path / "data", free_port())
+    srv.data_dir.mkdir()
+    srv.start("--max-push-commands", "2")
+    try:
+        token = srv.user_with_token("ci")
+        srv.cli("repo", "create", "acme/many")
+        srv.cli("grant", "ci", "acme/many", "write")
+        src = bench_repo(repo_root, files=20, commits=5, seed=11, branches=3, tags=0)
+        out = git("push", srv.url("acme/many", token), "--all", cwd=src, check=False)
+        assert out.returncode != 0
+        assert b"remote: error: too many ref updates in one push (the limit is 2)" in out.stderr, (
+            out.stderr
+        )
+        assert remote_refs(srv.url("acme/many", token)) == {}
+        assert srv.alive()
+    finally:
+        srv.stop()

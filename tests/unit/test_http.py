@@ -741,13 +741,14 @@ def test_receive_pack_with_a_stale_old_value_is_rejected_in_report_status(
     ],
     ids=["not-pkt-lines", "bad-command", "no-flush"],
 )
-def test_malformed_receive_pack_body_is_400_with_err_and_changes_nothing(
+def test_malformed_receive_pack_body_is_an_err_packet_and_changes_nothing(
     h: Harness, body: bytes
 ) -> None:
-    """A receive-pack body that does not parse is 400 carrying an ERR packet; no ref moves."""
+    """A receive-pack body that does not parse gets 200 with an ERR packet (git shows its
+    text; a 4xx shows only "RPC failed"); no ref moves."""
     before = h.metadata.get_refs(h.repo())
     reply = h.receive_pack(body)
-    assert reply.code == 400
+    assert reply.code == 200
     assert reply.header("content-type") == "application/x-git-receive-pack-result"
     (event,) = packets(reply.body)
     assert isinstance(event, Packet) and event.data.startswith(b"ERR ")
@@ -756,6 +757,25 @@ def test_malformed_receive_pack_body_is_400_with_err_and_changes_nothing(
     assert after.version == before.version
     labels = {"service": "receive-pack", "repo_class": "private", "outcome": "bad_request"}
     assert h.metric("gitstratum_requests_total", **labels) == 1
+
+
+def test_a_refused_push_that_asked_for_side_band_gets_its_error_on_band_three(
+    h: Harness,
+) -> None:
+    """git reads a side-band-64k push's answer through the bands: the error goes on band 3."""
+    zero = "0" * 40
+    body = (
+        pkt_line(f"{zero} {zero} refs/heads/a\x00report-status side-band-64k\n")
+        + pkt_line("not a command\n")
+        + FLUSH_PKT
+    )
+    before = h.refs()
+    reply = h.receive_pack(body)
+    assert reply.code == 200
+    first, flush = packets(reply.body)
+    assert isinstance(first, Packet) and first.data.startswith(b"\x03error: protocol error")
+    assert flush is Special.FLUSH
+    assert h.refs() == before
 
 
 def test_gzip_receive_pack_body_is_inflated(h: Harness, tmp_path: Path) -> None:
@@ -774,8 +794,8 @@ def test_gzip_receive_pack_body_is_inflated(h: Harness, tmp_path: Path) -> None:
     assert h.refs()[b"refs/heads/main"] == oid(new)
 
 
-def test_truncated_gzip_receive_pack_body_is_400(h: Harness, tmp_path: Path) -> None:
-    """A gzip push body cut short is a 400 ERR, never applied from what did arrive."""
+def test_truncated_gzip_receive_pack_body_is_an_err_packet(h: Harness, tmp_path: Path) -> None:
+    """A gzip push body cut short gets an ERR packet, never applied from what did arrive."""
     old, new, pack = new_commit_pack(h, tmp_path)
     body = pkt_line(f"{old} {new} refs/heads/main\x00report-status\n") + FLUSH_PKT + pack
     before = h.refs()
@@ -786,7 +806,7 @@ def test_truncated_gzip_receive_pack_body_is_400(h: Harness, tmp_path: Path) -> 
         headers={"Content-Type": RECEIVE_REQUEST, "Content-Encoding": "gzip"},
         data=gzip.compress(body)[:-8],  # the whole deflate stream, but no gzip trailer
     )
-    assert reply.code == 400
+    assert reply.code == 200
     (event,) = packets(reply.body)
     assert isinstance(event, Packet) and b"truncated" in event.data
     assert h.refs() == before
