@@ -184,18 +184,6 @@ def _gunzip_to_spool(content: IO[bytes], limit: int, spool_dir: str | None) -> I
 STREAM_SEND_LIMIT = 4 << 20
 
 
-def _asks_sideband(content: IO[bytes]) -> bool:
-    """Whether a push body's first command line asks for side-band-64k (read from the spool)."""
-    content.seek(0)
-    head = content.read(4)
-    try:
-        length = int(head, 16)
-    except ValueError:
-        return False
-    line = content.read(max(0, length - 4)) if 4 < length <= 65520 else b""
-    return b"side-band-64k" in line.partition(b"\0")[2].split()
-
-
 def _raise_send_limit(request: IRequest) -> None:
     """Let a pack response go out in fewer, larger send() calls.
 
@@ -537,7 +525,7 @@ class GitHTTP:
             ex.status, ex.outcome = 200, "bad_request"
             self._finish(ex)
             request.setHeader(b"Content-Type", b"application/x-git-receive-pack-result")
-            if await self.run(_asks_sideband, content):
+            if isinstance(e, receive_pack.ReceivePackError) and e.sideband:
                 # git reads the answer through side-band-64k when it asked
                 # for it: an ERR packet there would be "bad band #69".
                 return frame_band(3, f"error: {e}\n".encode(), SIDEBAND_64K) + FLUSH_PKT

@@ -735,7 +735,7 @@ class GitStreamProtocol(Protocol):
         request = self._push_request
         if self._finished or self._producer is not None:
             pass  # over already, or inside a pack, where nothing more can be said
-        elif request is not None and request.sideband:
+        elif request.sideband if request is not None else self._push_parser.asked_sideband:
             self._write(frame_band(3, message.encode("utf-8", "replace") + b"\n"))
         else:
             self._write(error_pkt(message))

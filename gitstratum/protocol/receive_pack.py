@@ -68,7 +68,14 @@ _SERVICE_LINE = b"# service=git-receive-pack\n"
 
 
 class ReceivePackError(ValueError):
-    """The push request is malformed or over a limit; the message is fit for ``ERR``."""
+    """The push request is malformed or over a limit; the message is fit for ``ERR``.
+
+    ``sideband`` says whether the commands read before the error asked for
+    side-band-64k: git then reads the answer through the bands, so the
+    message must go on band 3 (an ``ERR`` packet there is "bad band #69").
+    """
+
+    sideband: bool = False
 
 
 @attrs.frozen
@@ -203,12 +210,21 @@ class PushRequestParser:
 
     def next_event(self) -> PushRequest | Literal[NeedData.NEED_DATA]:
         """The parsed request, or ``NEED_DATA``; raises ReceivePackError or PktLineError."""
-        while self._result is None:
-            event = self._decoder.next_event()
-            if event is NEED_DATA:
-                return NEED_DATA
-            self._handle(event)
+        try:
+            while self._result is None:
+                event = self._decoder.next_event()
+                if event is NEED_DATA:
+                    return NEED_DATA
+                self._handle(event)
+        except ReceivePackError as e:
+            e.sideband = self.asked_sideband
+            raise
         return self._result
+
+    @property
+    def asked_sideband(self) -> bool:
+        """Whether the commands read so far asked for side-band-64k."""
+        return b"side-band-64k" in self._capabilities
 
     def take_unconsumed(self) -> bytes:
         if self._result is None:
@@ -219,7 +235,9 @@ class PushRequestParser:
         """The stream ended; raise unless the request was complete."""
         if self._result is None:
             self._decoder.check_complete()
-            raise ReceivePackError("protocol error: the push request ended before its flush-pkt")
+            error = ReceivePackError("protocol error: the push request ended before its flush-pkt")
+            error.sideband = self.asked_sideband
+            raise error
 
     def _handle(self, event: object) -> None:
         if isinstance(event, Packet):

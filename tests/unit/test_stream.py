@@ -1105,6 +1105,22 @@ def test_push_protocol_error_is_err_and_128(world, connect, data, message):
     assert read(s.take()).lines[0].startswith(message) and s.status == 128
 
 
+def test_push_error_after_asking_for_side_band_goes_on_band_three(world, connect):
+    """Once the commands asked for side-band-64k, git reads through the bands: the error is band 3."""
+    repo = world.new_repo()
+    s = connect("receive-pack", repo=repo)
+    s.take()
+    zero = b"0" * 40
+    s.send(
+        pkt_line(zero + b" " + zero + b" refs/heads/a\0report-status side-band-64k\n")
+        + pkt_line(b"not a command\n")
+        + FLUSH_PKT
+    )
+    reply = read(s.take())
+    assert reply.fatal.startswith(b"protocol error: expected old/new/ref") and s.status == 128
+    assert world.metadata.get_refs(repo).refs == {}
+
+
 def test_push_with_nothing_to_do(world, connect):
     """A lone flush (nothing to push), or a client that only looked at the refs, ends with 0."""
     s = connect("receive-pack", repo=world.new_repo())
