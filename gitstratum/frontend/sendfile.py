@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
@@ -117,8 +118,6 @@ def direct_socket(transport: Any) -> socket.socket | None:
 
 
 def _is_plain_tcp(transport: Any) -> bool:
-    from twisted.internet import tcp
-
     return isinstance(transport, tcp.Connection) and hasattr(transport, "_tempDataLen")
 
 

@@ -732,10 +732,9 @@ class GitStreamProtocol(Protocol):
 
     def _fatal(self, message: str, outcome: str) -> None:
         """End with status 128, telling the client why where it reads it: ERR, or band 3."""
-        request = self._push_request
         if self._finished or self._producer is not None:
             pass  # over already, or inside a pack, where nothing more can be said
-        elif request.sideband if request is not None else self._push_parser.asked_sideband:
+        elif self._push_parser.asked_sideband:  # a push that asked, complete or not
             self._write(frame_band(3, message.encode("utf-8", "replace") + b"\n"))
         else:
             self._write(error_pkt(message))

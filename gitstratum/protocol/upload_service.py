@@ -904,7 +904,6 @@ class UploadPackService:
         body = self._cached_body(job, cached, outcome, progress, head, chunks)
         file = None
         if length is not None and cached.fileno is not None and cached.size is not None:
-            assert cached.size is not None
             size, saved, observer = cached.size, cached.build_seconds, self.observer
 
             def complete(nbytes: int) -> None:
