@@ -352,15 +352,25 @@ def test_wrong_token_and_missing_permission(
     unchanged(server, target)
 
 
-def test_oversized_push_is_413(tmp_path: Path, repo_root: Path) -> None:
-    """A push body over --max-pack-bytes is refused with 413 and the ref is not created."""
+def limited_server(tmp_path: Path, repo: str, *options: str) -> tuple[Server, str]:
+    """A server started with *options*, and a 'ci' token that may write the new *repo*."""
     srv = Server(tmp_path / "data", free_port())
     srv.data_dir.mkdir()
-    srv.start("--max-pack-bytes", "20000")
+    srv.start(*options)
     try:
         token = srv.user_with_token("ci")
-        srv.cli("repo", "create", "acme/small")
-        srv.cli("grant", "ci", "acme/small", "write")
+        srv.cli("repo", "create", repo)
+        srv.cli("grant", "ci", repo, "write")
+    except BaseException:
+        srv.stop()
+        raise
+    return srv, token
+
+
+def test_oversized_push_is_413(tmp_path: Path, repo_root: Path) -> None:
+    """A push body over --max-pack-bytes is refused with 413 and the ref is not created."""
+    srv, token = limited_server(tmp_path, "acme/small", "--max-pack-bytes", "20000")
+    try:
         src = bench_repo(repo_root, files=80, commits=20, seed=7, branches=2, tags=2)
         out = git("push", srv.url("acme/small", token), "main", cwd=src, check=False)
         assert out.returncode != 0
@@ -373,13 +383,8 @@ def test_oversized_push_is_413(tmp_path: Path, repo_root: Path) -> None:
 
 def test_too_many_ref_updates_shows_git_the_reason(tmp_path: Path, repo_root: Path) -> None:
     """A push over --max-push-commands fails with the reason printed by git, and changes no ref."""
-    srv = Server(tmp_path / "data", free_port())
-    srv.data_dir.mkdir()
-    srv.start("--max-push-commands", "2")
+    srv, token = limited_server(tmp_path, "acme/many", "--max-push-commands", "2")
     try:
-        token = srv.user_with_token("ci")
-        srv.cli("repo", "create", "acme/many")
-        srv.cli("grant", "ci", "acme/many", "write")
         src = bench_repo(repo_root, files=20, commits=5, seed=11, branches=3, tags=0)
         out = git("push", srv.url("acme/many", token), "--all", cwd=src, check=False)
         assert out.returncode != 0

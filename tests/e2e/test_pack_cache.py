@@ -6,7 +6,6 @@ what ``/metrics`` says and by ``git fsck`` of what the clones received.
 
 from __future__ import annotations
 
-import base64
 import socket
 import subprocess
 import time
@@ -16,6 +15,8 @@ from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
+from gitstratum.testing.wire import read_response
 
 from .conftest import Server, bench_repo, free_port, git
 
@@ -82,6 +83,18 @@ def fetch_body(want: str, depth: int = 1) -> bytes:
     return body + pkt(f"want {want}\n") + pkt("done\n") + b"0000"
 
 
+def depth_one_clones(url: str, into: Path, count: int) -> list[Path]:
+    """*count* concurrent ``git clone --depth 1`` of *url*, into *into*/0, *into*/1, ..."""
+
+    def clone(i: int) -> Path:
+        dst = into / str(i)
+        git("clone", "-q", "--depth", "1", url, str(dst))
+        return dst
+
+    with ThreadPoolExecutor(count) as pool:
+        return list(pool.map(clone, range(count)))
+
+
 @pytest.fixture(scope="module")
 def source(repo_root: Path) -> Path:
     return bench_repo(repo_root, files=600, commits=120)
@@ -105,14 +118,7 @@ def test_forty_identical_depth_one_clones_build_once(
     srv = storm_server
     url = srv.url(REPO, srv.user_with_token("ci"))
     builds = metric(srv, "gitstratum_pack_cache_builds_total")
-
-    def clone(i: int) -> Path:
-        dst = tmp_path / f"c{i}"
-        git("clone", "-q", "--depth", "1", url, str(dst))
-        return dst
-
-    with ThreadPoolExecutor(40) as pool:
-        clones = list(pool.map(clone, range(40)))
+    clones = depth_one_clones(url, tmp_path / "c", 40)
     assert metric(srv, "gitstratum_pack_cache_builds_total") - builds == 1
     served = metric(srv, "gitstratum_pack_cache_hits_total") + metric(
         srv, "gitstratum_pack_cache_followers_total"
@@ -298,14 +304,7 @@ def test_two_workers_share_sockets_cache_and_metrics(tmp_path: Path, source: Pat
     try:
         url, token = populate(srv, source)
         builds = metric(srv, "gitstratum_pack_cache_builds_total")
-
-        def clone(i: int) -> Path:
-            dst = tmp_path / f"w{i}"
-            git("clone", "-q", "--depth", "1", url, str(dst))
-            return dst
-
-        with ThreadPoolExecutor(24) as pool:
-            clones = list(pool.map(clone, range(24)))
+        clones = depth_one_clones(url, tmp_path / "w", 24)
         assert metric(srv, "gitstratum_pack_cache_builds_total") - builds == 1
         served = metric(srv, "gitstratum_pack_cache_hits_total") + metric(
             srv, "gitstratum_pack_cache_followers_total"
@@ -328,15 +327,12 @@ def test_a_hit_is_sent_whole_with_its_length_and_the_same_bytes_as_the_build(
     storm_server: Server, source: Path
 ) -> None:
     """A hit goes out with Content-Length (sendfile on TCP), byte for byte what the build streamed."""
-    from gitstratum.testing.wire import read_response
-
     srv = storm_server
     token = srv.user_with_token("ci")
-    auth = "Basic " + base64.b64encode(f"ci:{token}".encode()).decode()
     tip = git("rev-parse", "main", cwd=source).stdout.decode().strip()
     # depth 2: no other test asks for it, so the first request builds.
     body = fetch_body(tip, depth=2)
-    headers = {**FETCH_HEADERS, "Authorization": auth}
+    headers = {**FETCH_HEADERS, **srv.basic(token)}
     served = metric(srv, "gitstratum_pack_cache_served_bytes_total")
     status, built_headers, built = srv.request(
         "POST", f"/{REPO}.git/git-upload-pack", body, headers

@@ -293,17 +293,27 @@ def test_wrong_format_version_is_refused(tmp_path: Path) -> None:
         _log(tmp_path)
 
 
-def _flip_a_byte(tmp_path: Path, db: bytes, key: bytes, offset: int) -> None:
-    """Flip one byte of one stored value, as a bad disk would, behind the log's back."""
+def _flip_a_byte(tmp_path: Path, db: bytes, key_prefix: bytes, offset: int) -> None:
+    """Flip one byte of the stored value whose key starts with *key_prefix*, as a bad disk would."""
     import lmdb
 
     env = lmdb.open(str(tmp_path / "raft"), max_dbs=3, map_size=_MAP)
     with env.begin(write=True) as txn:
         handle = env.open_db(db, txn=txn)
+        (key,) = [k for k, _ in txn.cursor(handle) if k.startswith(key_prefix)]
         value = bytearray(txn.get(key, db=handle))
         value[offset] ^= 0x01
         txn.put(key, bytes(value), db=handle)
     env.close()
+
+
+def _load_is_refused(tmp_path: Path, match: str) -> None:
+    log = _log(tmp_path)
+    try:
+        with pytest.raises(CorruptRaftLog, match=match):
+            log.load()
+    finally:
+        log.close()
 
 
 def test_a_corrupted_entry_is_refused_on_load(tmp_path: Path) -> None:
@@ -313,12 +323,7 @@ def test_a_corrupted_entry_is_refused_on_load(tmp_path: Path) -> None:
     log.sync()
     log.close()
     _flip_a_byte(tmp_path, b"entries", (2).to_bytes(8, "big"), -1)
-    log = _log(tmp_path)
-    try:
-        with pytest.raises(CorruptRaftLog, match="entry 2 fails its checksum"):
-            log.load()
-    finally:
-        log.close()
+    _load_is_refused(tmp_path, "entry 2 fails its checksum")
 
 
 def test_a_corrupted_snapshot_is_refused_on_load(tmp_path: Path) -> None:
@@ -327,20 +332,8 @@ def test_a_corrupted_snapshot_is_refused_on_load(tmp_path: Path) -> None:
     log.apply_snapshot(_snapshot(5, 1, b"the whole state"))
     log.sync()
     log.close()
-    import lmdb
-
-    env = lmdb.open(str(tmp_path / "raft"), max_dbs=3, map_size=_MAP)
-    with env.begin() as txn:
-        handle = env.open_db(b"snapshot", txn=txn)
-        (key,) = [k for k, _ in txn.cursor(handle) if k.startswith(b"data")]
-    env.close()
-    _flip_a_byte(tmp_path, b"snapshot", key, 0)
-    log = _log(tmp_path)
-    try:
-        with pytest.raises(CorruptRaftLog, match="snapshot data fails its checksum"):
-            log.load()
-    finally:
-        log.close()
+    _flip_a_byte(tmp_path, b"snapshot", b"data", 0)
+    _load_is_refused(tmp_path, "snapshot data fails its checksum")
 
 
 # A model of the log: the list of entries after the snapshot, checked against LMDB.
