@@ -35,7 +35,7 @@ from gitstratum.frontend.sendfile import SendfileProducer, direct_socket
 from gitstratum.frontend.threads import BlockingRunner, ThreadedIteratorProducer
 from gitstratum.protocol import receive_pack
 from gitstratum.protocol.ingest import PushProcessor
-from gitstratum.protocol.upload_pack import SIDEBAND_64K, UploadPackError, frame_band
+from gitstratum.protocol.upload_pack import UploadPackError
 from gitstratum.protocol.upload_service import Caller, PlannedResponse, UploadPackService
 from gitstratum.storage.interfaces import IMetadataStore, Permission, Repository
 
@@ -526,10 +526,8 @@ class GitHTTP:
             self._finish(ex)
             request.setHeader(b"Content-Type", b"application/x-git-receive-pack-result")
             if isinstance(e, receive_pack.ReceivePackError) and e.sideband:
-                # git reads the answer through side-band-64k when it asked
-                # for it: an ERR packet there would be "bad band #69".
-                return frame_band(3, f"error: {e}\n".encode(), SIDEBAND_64K) + FLUSH_PKT
-            return error_pkt(str(e))
+                return receive_pack.refusal(f"error: {e}", sideband=True) + FLUSH_PKT
+            return receive_pack.refusal(str(e), sideband=False)
         request.setHeader(b"Content-Type", b"application/x-git-receive-pack-result")
         for k, v in _NO_CACHE.items():
             request.setHeader(k, v)

@@ -60,8 +60,9 @@ from gitstratum.protocol.receive_pack import (
     RefResult,
     ReportStatus,
     encode_response,
+    refusal,
 )
-from gitstratum.protocol.upload_pack import UploadPackError, capability_advertisement, frame_band
+from gitstratum.protocol.upload_pack import UploadPackError, capability_advertisement
 from gitstratum.protocol.upload_service import (
     Caller,
     PlannedResponse,
@@ -734,10 +735,8 @@ class GitStreamProtocol(Protocol):
         """End with status 128, telling the client why where it reads it: ERR, or band 3."""
         if self._finished or self._producer is not None:
             pass  # over already, or inside a pack, where nothing more can be said
-        elif self._push_parser.asked_sideband:  # a push that asked, complete or not
-            self._write(frame_band(3, message.encode("utf-8", "replace") + b"\n"))
-        else:
-            self._write(error_pkt(message))
+        else:  # a push that asked for side-band, complete or not, reads band 3
+            self._write(refusal(message, sideband=self._push_parser.asked_sideband))
         self._finish(128, outcome)
 
     def _finish(self, status: int, outcome: str) -> None:

@@ -25,6 +25,7 @@ from gitstratum.core.pktline import (
     Packet,
     PktLineDecoder,
     Special,
+    error_pkt,
     pkt_line,
     sideband,
     strip_newline,
@@ -47,6 +48,7 @@ __all__ = [
     "encode_report",
     "encode_response",
     "progress",
+    "refusal",
 ]
 
 AGENT = b"gitstratum/" + __version__.encode("ascii")
@@ -410,6 +412,15 @@ def progress(message: str | bytes) -> bytes:
     if isinstance(message, str):
         message = message.encode("utf-8", "replace")
     return _band(2, message)
+
+
+def refusal(message: str, *, sideband: bool) -> bytes:
+    """*message* where a client that sent a push reads it: band 3 if it asked for side-band
+    (git reads the answer through the bands, and an ``ERR`` packet there is "bad band #69"),
+    else an ``ERR`` packet."""
+    if sideband:
+        return _band(3, message.encode("utf-8", "replace") + b"\n")
+    return error_pkt(message)
 
 
 def _messages(messages: Iterable[str]) -> bytes:
