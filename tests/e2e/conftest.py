@@ -21,6 +21,16 @@ ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT.parent / "shared" / "bench"
 
 
+def checkout_env(**extra: str) -> dict[str, str]:
+    """The environment for a server process: this checkout's code first on its path.
+
+    A server started from ``cwd`` elsewhere would otherwise import whatever
+    ``gitstratum`` is installed, which need not be the code under test.
+    """
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{path}" if path else str(ROOT), **extra}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -106,6 +116,7 @@ class Server:
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=self.data_dir.parent,
+            env=checkout_env(),
         )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -130,6 +141,44 @@ class Server:
             and self.proc.poll() is None
             and self.request("GET", "/healthz")[0] == 200
         )
+
+    def pids(self) -> list[int]:
+        """The server's process and every descendant (worker processes included)."""
+        assert self.proc is not None
+        found, todo = [], [self.proc.pid]
+        while todo:
+            pid = todo.pop()
+            found.append(pid)
+            try:
+                children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            except OSError:
+                continue
+            todo.extend(int(c) for c in children)
+        return found
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the server's processes, summed."""
+        total = 0
+        for pid in self.pids():
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue
+            for line in status.splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        return total
+
+    def disk_bytes(self) -> int:
+        """Bytes held by files under the data directory (apparent sizes)."""
+        total = 0
+        for path in self.data_dir.rglob("*"):
+            try:
+                if path.is_file():
+                    total += path.stat().st_size
+            except OSError:
+                continue
+        return total
 
     def log_text(self) -> str:
         p = self.data_dir.parent / f"{self.data_dir.name}.log"
