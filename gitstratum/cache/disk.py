@@ -52,7 +52,7 @@ from gitstratum.cache.interfaces import (
     CacheStats,
     IPackCache,
 )
-from gitstratum.storage._lmdb import open_env
+from gitstratum.lmdbutil import open_env
 
 __all__ = ["DiskPackCache", "CorruptEntry", "CHUNK_SIZE"]
 

@@ -36,7 +36,8 @@ from gitstratum.frontend.threads import BlockingRunner, ThreadedIteratorProducer
 from gitstratum.protocol import receive_pack
 from gitstratum.protocol.ingest import PushProcessor
 from gitstratum.protocol.upload_pack import UploadPackError
-from gitstratum.protocol.upload_service import Caller, PlannedResponse, UploadPackService
+from gitstratum.protocol.upload_response import PlannedResponse
+from gitstratum.protocol.upload_service import Caller, UploadPackService
 from gitstratum.storage.interfaces import IMetadataStore, Permission, Repository
 
 __all__ = ["GitHTTP", "spooling_request_factory", "BodyTooLarge"]

@@ -37,7 +37,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gitstratum.frontend.threads import BlockingRunner, StallLimitedProducer
-from gitstratum.protocol.upload_service import FileResponse
+from gitstratum.protocol.upload_response import FileResponse
 
 __all__ = ["SendfileProducer", "direct_socket", "send_direct"]
 

@@ -34,6 +34,7 @@ from gitstratum.frontend.ssh import GitSSHFactory, make_ssh_factory
 from gitstratum.frontend.stream import GitBackend
 from gitstratum.frontend.threads import BlockingRunner
 from gitstratum.protocol.ingest import PushProcessor
+from gitstratum.protocol.prewarm import prewarm
 from gitstratum.protocol.upload_service import UploadPackService
 from gitstratum.storage.interfaces import IMetadataStore, IObjectStore, RefUpdate, Repository
 
@@ -50,7 +51,7 @@ class Prewarmer:
 
     ``refs_updated`` is PushProcessor's hook: it runs in the push's worker
     thread, so it only hands the work to the reactor (``call_from_thread``,
-    the reactor's ``callFromThread``), which runs ``UploadPackService.prewarm``
+    the reactor's ``callFromThread``), which runs ``prewarm`` (protocol.prewarm)
     in the pool.  The push's answer never waits for it.  *patterns* are
     fnmatch globs of ref names warmed besides HEAD's branch.
     """
@@ -69,7 +70,7 @@ class Prewarmer:
             self.call_from_thread(self._start, repo, names)
 
     def _start(self, repo: Repository, names: tuple[bytes, ...]) -> None:
-        d = self.run(self.upload.prewarm, repo, names, self.patterns)
+        d = self.run(prewarm, self.upload, repo, names, self.patterns)
         d.addCallbacks(self._warmed, self._failed, errbackArgs=(repo,))
 
     def _warmed(self, outcomes: dict[str, CacheOutcome]) -> None:

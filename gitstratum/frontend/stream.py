@@ -63,12 +63,9 @@ from gitstratum.protocol.receive_pack import (
     refusal,
 )
 from gitstratum.protocol.upload_pack import UploadPackError, capability_advertisement
-from gitstratum.protocol.upload_service import (
-    Caller,
-    PlannedResponse,
-    UploadPackService,
-    UploadSession,
-)
+from gitstratum.protocol.upload_response import PlannedResponse
+from gitstratum.protocol.upload_service import Caller, UploadPackService
+from gitstratum.protocol.upload_session import UploadSession
 from gitstratum.storage.interfaces import IMetadataStore, Repository
 
 __all__ = [

@@ -37,6 +37,7 @@ import attrs
 import lmdb
 from zope.interface import implementer
 
+from gitstratum.lmdbutil import delete_prefix, iter_prefix, open_env
 from gitstratum.raft.interfaces import IRaftLog
 from gitstratum.raft.types import (
     ConfState,
@@ -46,7 +47,6 @@ from gitstratum.raft.types import (
     Snapshot,
     SnapshotMetadata,
 )
-from gitstratum.storage._lmdb import delete_prefix, iter_prefix, open_env
 
 __all__ = ["LMDBRaftLog", "CorruptRaftLog", "FORMAT_VERSION"]
 

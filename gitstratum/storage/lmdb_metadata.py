@@ -22,7 +22,7 @@ from zope.interface import implementer
 
 from gitstratum.core.objects import CommitInfo, ObjectType, TagInfo
 from gitstratum.core.oid import ObjectID, from_bin, to_bin
-from gitstratum.storage._lmdb import MAX_KEY_SIZE, delete_prefix, iter_prefix, open_env
+from gitstratum.lmdbutil import MAX_KEY_SIZE, delete_prefix, iter_prefix, open_env
 from gitstratum.storage.interfaces import (
     IMetadataStore,
     IngestBatch,

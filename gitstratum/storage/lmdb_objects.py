@@ -22,7 +22,7 @@ from zope.interface import implementer
 
 from gitstratum.core.objects import ObjectType, PackReadyObject
 from gitstratum.core.oid import ObjectID, from_bin, to_bin
-from gitstratum.storage._lmdb import open_env
+from gitstratum.lmdbutil import open_env
 from gitstratum.storage.interfaces import IObjectStore, ObjectStat, StorageError
 
 __all__ = ["LMDBObjectStore", "CorruptRecord", "encode_record", "decode_record"]

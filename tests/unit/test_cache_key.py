@@ -18,10 +18,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gitstratum.cache.key import ENCODED_FIELDS, cache_key
 from gitstratum.core.limits import Limits
 from gitstratum.core.oid import ObjectID
 from gitstratum.core.pktline import DELIM_PKT, FLUSH_PKT, pkt_line, pkt_lines
+from gitstratum.protocol.pack_key import ENCODED_FIELDS, PackRequest, cache_key
 from gitstratum.protocol.upload_pack import (
     FetchRequest,
     FilterKind,
@@ -31,7 +31,6 @@ from gitstratum.protocol.upload_pack import (
     parse_v2_request,
     process_haves,
 )
-from gitstratum.protocol.upload_service import PackRequest
 from gitstratum.protocol.walker import Negotiator, RepoView, ShallowPlan, compute_shallow
 from gitstratum.storage.interfaces import Repository
 from gitstratum.storage.lmdb_metadata import LMDBMetadataStore

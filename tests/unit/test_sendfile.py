@@ -24,7 +24,7 @@ from twisted.internet.testing import StringTransport
 from gitstratum.frontend.sendfile import SendfileProducer, direct_socket, send_direct
 from gitstratum.frontend.threads import inline_runner
 from gitstratum.protocol.upload_pack import frame_stream, framed_size
-from gitstratum.protocol.upload_service import FileResponse
+from gitstratum.protocol.upload_response import FileResponse
 
 
 def expected_bytes(prefix: bytes, data: bytes, max_payload: int, suffix: bytes) -> bytes:

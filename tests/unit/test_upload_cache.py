@@ -31,15 +31,12 @@ from gitstratum.frontend.stream import GitBackend, GitStreamProtocol
 from gitstratum.frontend.threads import inline_runner
 from gitstratum.protocol import receive_pack
 from gitstratum.protocol import upload_service as upload_module
+from gitstratum.protocol.advertisement_cache import AdvertisementCache
 from gitstratum.protocol.ingest import PushProcessor
-from gitstratum.protocol.upload_service import (
-    ABORT_MESSAGE,
-    AdvertisementCache,
-    Caller,
-    PackRequest,
-    UploadPackService,
-    UploadSession,
-)
+from gitstratum.protocol.pack_key import PackRequest
+from gitstratum.protocol.prewarm import prewarm
+from gitstratum.protocol.upload_service import ABORT_MESSAGE, Caller, UploadPackService
+from gitstratum.protocol.upload_session import UploadSession
 from gitstratum.protocol.walker import RepoView
 from gitstratum.storage.interfaces import RefUpdate, Repository
 from gitstratum.storage.lmdb_metadata import LMDBMetadataStore
@@ -484,7 +481,7 @@ def test_a_follower_of_a_running_build_skips_the_build_limit(
 
 def test_prewarm_covers_git_clone_and_clone_storm_fetches(rig: Rig) -> None:
     """After prewarm of main, git clone (depth 1 and full) and clone_storm.py (both) are hits."""
-    outcomes = rig.service.prewarm(rig.repo, [b"refs/heads/main"])
+    outcomes = prewarm(rig.service, rig.repo, [b"refs/heads/main"])
     rig.cache.wait_builds()
     assert set(outcomes.values()) == {CacheOutcome.BUILD}
     enumerated = len(rig.enumerations)
@@ -528,8 +525,7 @@ def test_prewarm_finishes_depth_one_builds_before_starting_full_ones(rig: Rig) -
         cache.wait_builds()
 
     rig.service.cache = cast(Any, attrs.evolve(_Proxy(cache), warm=warm, building=building))
-    rig.service.sleep = sleep
-    rig.service.prewarm(rig.repo, [b"refs/heads/main"])
+    prewarm(rig.service, rig.repo, [b"refs/heads/main"], sleep=sleep)
     cache.wait_builds()
     warms = [i for i, e in enumerate(events) if e.startswith("warm")]
     sleeps = [i for i, e in enumerate(events) if e == "sleep"]
@@ -553,9 +549,9 @@ class _Proxy:
 
 def test_prewarm_is_for_heads_branch_and_matching_refs_only(rig: Rig) -> None:
     """A push to another branch warms nothing, unless a pattern names it."""
-    assert rig.service.prewarm(rig.repo, [b"refs/heads/feature"]) == {}
-    assert rig.service.prewarm(rig.repo, [b"refs/heads/gone"], ["refs/heads/*"]) == {}
-    outcomes = rig.service.prewarm(rig.repo, [b"refs/heads/feature"], ["refs/heads/feat*"])
+    assert prewarm(rig.service, rig.repo, [b"refs/heads/feature"]) == {}
+    assert prewarm(rig.service, rig.repo, [b"refs/heads/gone"], ["refs/heads/*"]) == {}
+    outcomes = prewarm(rig.service, rig.repo, [b"refs/heads/feature"], ["refs/heads/feat*"])
     rig.cache.wait_builds()
     assert CacheOutcome.BUILD in outcomes.values()
     read(rig.fetch(v2_fetch(rig.rev("feature"), depth=1)))
@@ -564,16 +560,16 @@ def test_prewarm_is_for_heads_branch_and_matching_refs_only(rig: Rig) -> None:
 
 def test_prewarm_twice_builds_nothing_new(rig: Rig) -> None:
     """A second pre-warm of the same tip finds every pack stored."""
-    rig.service.prewarm(rig.repo, [b"refs/heads/main"])
+    prewarm(rig.service, rig.repo, [b"refs/heads/main"])
     rig.cache.wait_builds()
-    again = rig.service.prewarm(rig.repo, [b"refs/heads/main"])
+    again = prewarm(rig.service, rig.repo, [b"refs/heads/main"])
     assert again and set(again.values()) == {CacheOutcome.HIT}
 
 
 def test_prewarm_skips_builds_when_admission_has_no_room(rig: Rig) -> None:
     """Pre-warm never waits for, or is refused, a build slot: without one it skips the build."""
     rig.service.admission = Admission(AdmissionPolicy(max_builds=1), builds_in_progress=Builds(1))
-    assert rig.service.prewarm(rig.repo, [b"refs/heads/main"]) == {}
+    assert prewarm(rig.service, rig.repo, [b"refs/heads/main"]) == {}
     assert rig.counter("gitstratum_pack_cache_builds_total") == 0
 
 
@@ -593,7 +589,7 @@ def test_a_push_to_main_prewarms_through_the_push_hook(rig: Rig, tmp_path: Path)
     def hook(repo: Repository, updates: tuple[RefUpdate, ...]) -> None:
         names = tuple(u.name for u in updates)
         warmed.append(names)
-        rig.service.prewarm(repo, names)
+        prewarm(rig.service, repo, names)
 
     push = PushProcessor(rig.metadata, rig.objects.store, Limits(), on_refs_updated=hook)
     body = pkt_line(b"%s %s refs/heads/main\x00report-status\n" % (old, new)) + FLUSH_PKT + pack

@@ -1,4 +1,8 @@
-"""Opening LMDB environments one way for every store, and the prefix walks they share."""
+"""Opening LMDB environments one way for every store (objects, metadata, Raft logs, the pack
+cache index), and the prefix walks they share.
+
+A neutral adapter helper: storage, raft and cache all import it, and it imports nothing of ours.
+"""
 
 from __future__ import annotations
 
