@@ -101,7 +101,8 @@ class Leave:
 class Heartbeat:
     """The leader heard from *nodes* at *at* (its clock): one batch per interval, not one per node.
 
-    A ``joining`` member heard from becomes ``active``. Ids that are not
+    A ``joining`` member heard from becomes ``active``; a ``down`` one stays
+    down until the failure detector's ``MarkActive``. Ids that are not
     members (or were removed) are skipped and listed in the result's
     ``ignored``, so the service can tell those nodes to join again.
     """

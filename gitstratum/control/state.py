@@ -94,10 +94,6 @@ SNAPSHOT_VERSION = 1
 _SNAPSHOT_HEADER = struct.Struct(">BQ")
 
 
-def _refuse(reason: Refusal, message: str) -> CommandRefused:
-    return CommandRefused(reason, message)
-
-
 @implementer(IStateMachine)
 @attrs.define
 class ControlState:
@@ -195,17 +191,19 @@ class ControlState:
         http = None if c.http is None else canonical_address(c.http)
         ssh = None if c.ssh is None else canonical_address(c.ssh)
         if (http is not None or ssh is not None) and Role.FRONTEND not in roles:
-            raise _refuse(Refusal.BAD_ADDRESS, "only a frontend has public HTTP and SSH addresses")
+            raise CommandRefused(
+                Refusal.BAD_ADDRESS, "only a frontend has public HTTP and SSH addresses"
+            )
         weight = check_weight(c.weight)
         zone = check_zone(c.zone)
         at = check_time(c.at)
         mine = [a for a in (address, http, ssh) if a is not None]
         if len(set(mine)) != len(mine):
-            raise _refuse(Refusal.DUPLICATE_ADDRESS, f"{node_id!r} gives one address twice")
+            raise CommandRefused(Refusal.DUPLICATE_ADDRESS, f"{node_id!r} gives one address twice")
         self._check_addresses_free(node_id, mine)
         old = self.members.get(node_id)
         if old is not None and old.state is not MemberState.REMOVED:
-            return self._rejoin(old, c, roles, address, http, ssh, weight, zone, at)
+            return self._rejoin(old, roles, address, http, ssh, weight, zone, at)
         member = Member(
             id=node_id,
             roles=roles,
@@ -223,7 +221,7 @@ class ControlState:
                 try:
                     rings[role] = self._ring(role).with_node(member.ring_node())
                 except RingError as e:
-                    raise _refuse(Refusal.RING_FULL, str(e)) from None
+                    raise CommandRefused(Refusal.RING_FULL, str(e)) from None
                 member = member.with_tokens(role, pack_tokens(rings[role].token_map()[node_id]))
         self.members[node_id] = member
         self._placement.update(rings)
@@ -232,7 +230,6 @@ class ControlState:
     def _rejoin(
         self,
         old: Member,
-        c: Join,
         roles: frozenset[Role],
         address: str,
         http: str | None,
@@ -242,14 +239,16 @@ class ControlState:
         at: float,
     ) -> Applied:
         if old.address != address:
-            raise _refuse(Refusal.DUPLICATE_ID, f"{old.id!r} is a member already, at {old.address}")
+            raise CommandRefused(
+                Refusal.DUPLICATE_ID, f"{old.id!r} is a member already, at {old.address}"
+            )
         for name, was, now in (("roles", old.roles, roles), ("weight", old.weight, weight)):
             if was != now:
-                raise _refuse(
+                raise CommandRefused(
                     Refusal.DUPLICATE_ID, f"{old.id!r} is a member already, with other {name}"
                 )
         if old.zone != zone:
-            raise _refuse(
+            raise CommandRefused(
                 Refusal.DUPLICATE_ID, f"{old.id!r} is a member already, in zone {old.zone}"
             )
         state = MemberState.DRAINING if old.state is MemberState.DRAINING else MemberState.ACTIVE
@@ -279,9 +278,11 @@ class ControlState:
         m = self._live_member(c.id)
         cutoff = check_time(c.cutoff)
         if m.state not in (MemberState.JOINING, MemberState.ACTIVE):
-            raise _refuse(Refusal.BAD_STATE, f"{m.id!r} is {m.state.value}, not joining or active")
+            raise CommandRefused(
+                Refusal.BAD_STATE, f"{m.id!r} is {m.state.value}, not joining or active"
+            )
         if m.last_heartbeat >= cutoff:
-            raise _refuse(
+            raise CommandRefused(
                 Refusal.STALE_HEARTBEAT, f"{m.id!r} was heard from at {m.last_heartbeat!r}"
             )
         self.members[m.id] = attrs.evolve(m, state=MemberState.DOWN)
@@ -291,9 +292,9 @@ class ControlState:
         m = self._live_member(c.id)
         cutoff = check_time(c.cutoff)
         if m.state is not MemberState.DOWN:
-            raise _refuse(Refusal.BAD_STATE, f"{m.id!r} is {m.state.value}, not down")
+            raise CommandRefused(Refusal.BAD_STATE, f"{m.id!r} is {m.state.value}, not down")
         if m.last_heartbeat < cutoff:
-            raise _refuse(
+            raise CommandRefused(
                 Refusal.STALE_HEARTBEAT, f"{m.id!r} was last heard from at {m.last_heartbeat!r}"
             )
         self.members[m.id] = attrs.evolve(m, state=MemberState.ACTIVE)
@@ -330,9 +331,9 @@ class ControlState:
                 if Role.CONTROL in n.roles and n.state is not MemberState.REMOVED
             ]
             if len(control) == 1:
-                raise _refuse(Refusal.LAST_CONTROL, f"{m.id!r} is the last control node")
+                raise CommandRefused(Refusal.LAST_CONTROL, f"{m.id!r} is the last control node")
         if m.holds_data:
-            raise _refuse(
+            raise CommandRefused(
                 Refusal.HOLDS_DATA,
                 f"{m.id!r} ({m.state.value}) may hold the only copies of data: drain it first",
             )
@@ -352,7 +353,7 @@ class ControlState:
         if layout != (self.config.vnodes, self.config.partitions) and any(
             m.object_tokens or m.metadata_tokens for m in self.members.values()
         ):
-            raise _refuse(
+            raise CommandRefused(
                 Refusal.CONFIG_LOCKED, "vnodes and partitions are fixed once a member is on a ring"
             )
         self.config = config
@@ -363,7 +364,7 @@ class ControlState:
 
     def _check_epoch(self, expected: int | None) -> None:
         if expected is not None and expected != self.epoch:
-            raise _refuse(
+            raise CommandRefused(
                 Refusal.STALE_EPOCH,
                 f"the command expects epoch {expected}, the epoch is {self.epoch}",
             )
@@ -371,7 +372,7 @@ class ControlState:
     def _live_member(self, node_id: str) -> Member:
         m = self.members.get(node_id)
         if m is None or m.state is MemberState.REMOVED:
-            raise _refuse(Refusal.UNKNOWN_NODE, f"no member {node_id!r}")
+            raise CommandRefused(Refusal.UNKNOWN_NODE, f"no member {node_id!r}")
         return m
 
     def _check_addresses_free(self, node_id: str, addresses: Iterable[str]) -> None:
@@ -381,7 +382,7 @@ class ControlState:
                 continue
             taken = wanted.intersection(other.addresses)
             if taken:
-                raise _refuse(
+                raise CommandRefused(
                     Refusal.DUPLICATE_ADDRESS, f"{min(taken)} is the address of {other.id!r}"
                 )
 

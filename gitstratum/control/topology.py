@@ -139,14 +139,10 @@ ON_RING = frozenset({MemberState.JOINING, MemberState.ACTIVE, MemberState.DOWN})
 # -- field rules (shared by the commands' validation and the decoder) ----------------------
 
 
-def _refuse(reason: Refusal, message: str) -> CommandRefused:
-    return CommandRefused(reason, message)
-
-
 def check_id(value: object) -> str:
     """A member id: 1 to 128 of ``A-Za-z0-9._-``, starting with a letter or digit."""
     if not isinstance(value, str) or not _ID.fullmatch(value):
-        raise _refuse(
+        raise CommandRefused(
             Refusal.BAD_ID,
             f"a node id is 1 to 128 of A-Za-z0-9._- starting alphanumeric, not {_show(value)}",
         )
@@ -158,7 +154,7 @@ def check_zone(value: object) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str) or not _ZONE.fullmatch(value):
-        raise _refuse(
+        raise CommandRefused(
             Refusal.BAD_ZONE,
             f"a zone is 1 to 64 of A-Za-z0-9._- starting alphanumeric, not {_show(value)}",
         )
@@ -173,7 +169,7 @@ def check_weight(value: object) -> float:
         or not math.isfinite(value)
         or not 0 < value <= MAX_WEIGHT
     ):
-        raise _refuse(
+        raise CommandRefused(
             Refusal.BAD_WEIGHT, f"a weight is a number in (0, {MAX_WEIGHT:g}], not {_show(value)}"
         )
     return float(value)
@@ -187,7 +183,7 @@ def check_time(value: object) -> float:
         or not math.isfinite(value)
         or value < 0
     ):
-        raise _refuse(
+        raise CommandRefused(
             Refusal.BAD_TIME, f"a time is finite non-negative seconds, not {_show(value)}"
         )
     return float(value)
@@ -196,14 +192,14 @@ def check_time(value: object) -> float:
 def parse_roles(values: object) -> frozenset[Role]:
     """A non-empty set of role names (``control``, ``metadata``, ``object``, ``frontend``)."""
     if not isinstance(values, tuple | list | frozenset | set) or not values:
-        raise _refuse(Refusal.UNKNOWN_ROLE, "a member needs at least one role")
+        raise CommandRefused(Refusal.UNKNOWN_ROLE, "a member needs at least one role")
     roles = set()
     for value in values:
         try:
             roles.add(Role(value))
         except ValueError:
             known = ", ".join(r.value for r in Role)
-            raise _refuse(
+            raise CommandRefused(
                 Refusal.UNKNOWN_ROLE, f"unknown role {_show(value)} (known: {known})"
             ) from None
     return frozenset(roles)
@@ -216,7 +212,7 @@ def canonical_address(value: object) -> str:
     1 to 65535. The unspecified addresses (``0.0.0.0``, ``[::]``) are
     refused: a member's address is one other nodes dial.
     """
-    bad = _refuse(Refusal.BAD_ADDRESS, f"an address is HOST:PORT, not {_show(value)}")
+    bad = CommandRefused(Refusal.BAD_ADDRESS, f"an address is HOST:PORT, not {_show(value)}")
     if not isinstance(value, str) or len(value) > 300:
         raise bad
     if value.startswith("["):
@@ -365,7 +361,7 @@ class RingConfig:
             ("partitions", self.partitions, MAX_PARTITIONS),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= top:
-                raise _refuse(
+                raise CommandRefused(
                     Refusal.BAD_CONFIG, f"{name} is an integer in [1, {top}], not {value!r}"
                 )
         return self
