@@ -122,12 +122,9 @@ class Ring:
             by_id[node.id] = node
         if set(tokens) != set(by_id):
             raise RingError("every node needs tokens, and every token a node")
-        self.epoch = epoch
-        self.vnodes = vnodes
-        self._ids = tuple(sorted(by_id))
-        self.nodes: Mapping[str, Node] = MappingProxyType({i: by_id[i] for i in self._ids})
+        ids = sorted(by_id)
         entries: list[tuple[int, int]] = []
-        for index, node_id in enumerate(self._ids):
+        for index, node_id in enumerate(ids):
             owned = tokens[node_id]
             if not owned:
                 raise RingError(f"node {node_id!r} has no tokens")
@@ -139,12 +136,34 @@ class Ring:
         for (a, _), (b, _) in zip(entries, entries[1:], strict=False):
             if a == b:
                 raise RingError(f"token {a} is held twice")
-        self._tokens = array("Q", [t for t, _ in entries])
-        self._owner = array("I", [o for _, o in entries])
-        zone_keys = [by_id[i].zone or "\0" + i for i in self._ids]
+        self._assemble(
+            [by_id[i] for i in ids],
+            array("Q", [t for t, _ in entries]),
+            array("I", [o for _, o in entries]),
+            epoch,
+            vnodes,
+        )
+
+    def _assemble(
+        self, nodes: list[Node], tokens: array[int], owner: array[int], epoch: int, vnodes: int
+    ) -> None:
+        """Set every field from checked parts: *nodes* sorted by id, *owner* indexing them."""
+        self.epoch = epoch
+        self.vnodes = vnodes
+        self._ids = tuple(n.id for n in nodes)
+        self.nodes: Mapping[str, Node] = MappingProxyType({n.id: n for n in nodes})
+        self._tokens = tokens
+        self._owner = owner
+        zone_keys = [n.zone or "\0" + n.id for n in nodes]
         self._zone = tuple(zone_keys)
         self._zones = len(set(zone_keys))
         self._pref_cache: dict[tuple[int, int], tuple[str, ...]] = {}
+
+    def _derive(self, nodes: list[Node], tokens: list[int], owner: list[int]) -> Ring:
+        """A ring of the next epoch from parts this ring's own methods computed (no re-check)."""
+        ring = Ring.__new__(Ring)
+        ring._assemble(nodes, array("Q", tokens), array("I", owner), self.epoch + 1, self.vnodes)
+        return ring
 
     # -- building -------------------------------------------------------------------------
 
@@ -184,11 +203,12 @@ class Ring:
         # A range is (token index, its current end, unwrapped); ends shrink as we carve.
         ends: dict[int, int] = {}
         ranges: dict[int, list[tuple[int, int]]] = {}
-        donors = [(-loads[o] / weights[o], o) for o in range(len(self._ids))]
+        # Ties go by node id, never by position in a list, so every process agrees.
+        donors = [(-loads[o] / weights[o], self._ids[o], o) for o in range(len(self._ids))]
         heapq.heapify(donors)
         new_tokens: list[int] = []
         while len(new_tokens) < count and donors:
-            _, donor = heapq.heappop(donors)
+            _, _, donor = heapq.heappop(donors)
             heap = ranges.get(donor)
             if heap is None:
                 heap = [(-self._range_length(t), t) for t in owned[donor]]
@@ -210,12 +230,19 @@ class Ring:
             need -= bite
             loads[donor] -= bite
             heapq.heappush(heap, (-(length - bite), t_index))
-            heapq.heappush(donors, (-loads[donor] / weights[donor], donor))
+            heapq.heappush(donors, (-loads[donor] / weights[donor], self._ids[donor], donor))
         if len(new_tokens) < count:
             raise RingError(f"the ring has no room for {count} more tokens")
-        tokens = self.token_map()
-        tokens[node.id] = sorted(new_tokens)
-        return Ring([*self.nodes.values(), node], tokens, epoch=self.epoch + 1, vnodes=self.vnodes)
+        at = bisect_right(self._ids, node.id)
+        tokens = self._tokens.tolist()
+        owner = [o + (o >= at) for o in self._owner]
+        for token in sorted(new_tokens):
+            i = bisect_right(tokens, token)
+            tokens.insert(i, token)
+            owner.insert(i, at)
+        nodes = [*self.nodes.values()]
+        nodes.insert(at, node)
+        return self._derive(nodes, tokens, owner)
 
     def without_node(self, node_id: str) -> Ring:
         """The ring after *node_id* leaves: its ranges go, largest first, to the least loaded.
@@ -225,21 +252,23 @@ class Ring:
         """
         if node_id not in self.nodes:
             raise RingError(f"node {node_id!r} is not on the ring")
-        tokens = self.token_map()
-        leaving = tokens.pop(node_id)
+        gone = self._ids.index(node_id)
+        owner = self._owner.tolist()
+        leaving = [i for i, o in enumerate(owner) if o == gone]
         rest = [n for n in self.nodes.values() if n.id != node_id]
-        if rest:
-            loads = self.loads()
-            lightest = [(loads[n.id] / n.weight, n.id) for n in rest]
-            heapq.heapify(lightest)
-            index = {t: i for i, t in enumerate(self._tokens)}
-            by_size = sorted(leaving, key=lambda t: (-self._range_length(index[t]), t))
-            for token in by_size:
-                _, to = heapq.heappop(lightest)
-                tokens[to].append(token)
-                loads[to] += self._range_length(index[token])
-                heapq.heappush(lightest, (loads[to] / self.nodes[to].weight, to))
-        return Ring(rest, tokens, epoch=self.epoch + 1, vnodes=self.vnodes)
+        if not rest:
+            return self._derive([], [], [])
+        loads = self._loads_by_index()
+        lightest = [(loads[o] / n.weight, n.id, o) for o, n in enumerate(self.nodes.values())]
+        del lightest[gone]
+        heapq.heapify(lightest)
+        for t_index in sorted(leaving, key=lambda t: (-self._range_length(t), t)):
+            _, to_id, to = heapq.heappop(lightest)
+            owner[t_index] = to
+            loads[to] += self._range_length(t_index)
+            heapq.heappush(lightest, (loads[to] / self.nodes[to_id].weight, to_id, to))
+        owner = [o - (o > gone) for o in owner]
+        return self._derive(rest, self._tokens.tolist(), owner)
 
     def with_epoch(self, epoch: int) -> Ring:
         """The same placement under another epoch number."""
