@@ -133,7 +133,7 @@ class GitDaemonProtocol(Protocol):
 
     def __init__(self, factory: GitDaemonFactory):
         self.factory = factory
-        self.decoder = PktLineDecoder()
+        self.decoder = PktLineDecoder(factory.backend.limits.max_empty_packets)
         self.request: DaemonRequest | None = None
         self.stream: IProtocol | None = None
         self._timeout: IDelayedCall | None = None
