@@ -1,0 +1,81 @@
+"""``twistd gitstratum-standalone``'s stream and push options, and its private data directory."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from twisted.python import usage
+
+from gitstratum.core.limits import Limits
+from gitstratum.standalone.tap import Options, make_private, worker_argv
+
+
+def parsed(*argv: str) -> Options:
+    options = Options()
+    options.parseOptions(list(argv))
+    return options
+
+
+def test_stream_and_push_options_default_to_the_limits_defaults() -> None:
+    """With no options the tier runs with Limits()'s values: 60 s, deleting HEAD's branch refused."""
+    limits = parsed().limits()
+    assert limits.stream_idle_timeout == Limits().stream_idle_timeout == 60.0
+    assert limits.allow_delete_current is False
+
+
+def test_stream_and_push_options_reach_the_limits() -> None:
+    """--stream-idle-timeout and --allow-delete-current set their Limits fields."""
+    limits = parsed("--stream-idle-timeout", "2.5", "--allow-delete-current").limits()
+    assert limits.stream_idle_timeout == 2.5 and limits.allow_delete_current is True
+
+
+def test_a_non_number_timeout_is_a_usage_error() -> None:
+    """The option is typed: a word is refused at start, not at the first stalled client."""
+    with pytest.raises(usage.UsageError):
+        parsed("--stream-idle-timeout", "soon")
+
+
+@pytest.mark.parametrize("flag", [(), ("--allow-delete-current",)])
+def test_workers_are_started_with_options_they_can_parse(flag: tuple[str, ...]) -> None:
+    """The supervisor's argv for a worker parses back to the same limits (a flag is passed as
+    a bare flag, never as --flag=0)."""
+    options = parsed("--stream-idle-timeout", "7", "--workers", "3", *flag)
+    argv = worker_argv(options, "/srv/data")
+    assert "--data-dir=/srv/data" in argv and not any(a.startswith("--workers") for a in argv)
+    assert parsed(*argv).limits() == options.limits()
+
+
+def modes(root: Path) -> dict[str, int]:
+    return {
+        str(p.relative_to(root)): stat.S_IMODE(p.lstat().st_mode)
+        for p in [root, *root.rglob("*")]
+        if not p.is_symlink()
+    }
+
+
+def test_make_private_takes_group_and_other_bits_off_everything(tmp_path: Path) -> None:
+    """Directories end 0700 and files 0600 (owner bits kept); a symlink is not followed."""
+    root = tmp_path / "data"
+    (root / "metadata").mkdir(parents=True)
+    (root / "metadata" / "data.mdb").write_bytes(b"x")
+    (root / "admin-token").write_bytes(b"t")
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"o")
+    os.chmod(outside, 0o644)
+    (root / "link").symlink_to(outside)
+    for path, mode in ((root, 0o755), (root / "metadata", 0o777), (root / "admin-token", 0o644)):
+        os.chmod(path, mode)
+    os.chmod(root / "metadata" / "data.mdb", 0o664)
+    assert make_private(str(root)) == 4
+    assert modes(root) == {
+        ".": 0o700,
+        "metadata": 0o700,
+        "metadata/data.mdb": 0o600,
+        "admin-token": 0o600,
+    }
+    assert stat.S_IMODE(outside.stat().st_mode) == 0o644
+    assert make_private(str(root)) == 0  # nothing left to change
+    assert make_private(str(tmp_path / "absent")) == 0
