@@ -77,10 +77,13 @@ def make_private(path: str) -> int:
 
     def tighten(p: str) -> None:
         nonlocal changed
-        st = os.lstat(p)
-        if not stat.S_ISLNK(st.st_mode) and st.st_mode & 0o077:
-            os.chmod(p, stat.S_IMODE(st.st_mode) & 0o700)
-            changed += 1
+        try:
+            st = os.lstat(p)
+            if not stat.S_ISLNK(st.st_mode) and st.st_mode & 0o077:
+                os.chmod(p, stat.S_IMODE(st.st_mode) & 0o700)
+                changed += 1
+        except FileNotFoundError:
+            pass  # removed meanwhile (a pack-cache entry replaced by a running worker)
 
     if not os.path.lexists(path):
         return 0
@@ -92,9 +95,15 @@ def make_private(path: str) -> int:
 
 
 def _secure_data_dir(options: Any, data_dir: str, log: Logger) -> None:
-    """Before anything is created: umask 077, and any looser existing path made private."""
+    """Before anything is created: umask 077, and any looser existing path made private.
+
+    A worker only sets the umask (it has it from the supervisor anyway): the supervisor
+    walked the directory before starting it, and other workers are writing there.
+    """
     os.umask(PRIVATE_UMASK)
     os.makedirs(data_dir, mode=0o700, exist_ok=True)
+    if options["worker-fds"]:
+        return
     dirs = [data_dir]
     cache_dir = options["pack-cache-dir"]
     if cache_dir and os.path.isdir(cache_dir):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 from twisted.python import usage
@@ -79,3 +80,21 @@ def test_make_private_takes_group_and_other_bits_off_everything(tmp_path: Path) 
     assert stat.S_IMODE(outside.stat().st_mode) == 0o644
     assert make_private(str(root)) == 0  # nothing left to change
     assert make_private(str(tmp_path / "absent")) == 0
+
+
+def test_make_private_skips_a_path_removed_while_it_walks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file another worker removes between the listing and the chmod is no error."""
+    (tmp_path / "kept").write_bytes(b"k")
+    os.chmod(tmp_path / "kept", 0o644)
+    os.chmod(tmp_path, 0o700)
+    real_walk = os.walk
+
+    def walk(path: str) -> Any:
+        for root, dirs, files in real_walk(path):
+            yield root, dirs, [*files, "vanished"]
+
+    monkeypatch.setattr(os, "walk", walk)
+    assert make_private(str(tmp_path)) == 1
+    assert stat.S_IMODE((tmp_path / "kept").stat().st_mode) == 0o600
