@@ -7,6 +7,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 from twisted.python import usage
 
@@ -98,3 +99,14 @@ def test_make_private_skips_a_path_removed_while_it_walks(
     monkeypatch.setattr(os, "walk", walk)
     assert make_private(str(tmp_path)) == 1
     assert stat.S_IMODE((tmp_path / "kept").stat().st_mode) == 0o600
+
+
+def test_every_limit_is_an_option_and_documented() -> None:
+    """Each Limits field can be set from the command line, and docs/operations.rst names it."""
+    options = Options()
+    names = {o[0] for o in options.optParameters} | {f[0] for f in options.optFlags}
+    docs = (Path(__file__).parents[2] / "docs" / "operations.rst").read_text()
+    for field in attrs.fields(Limits):
+        flag = field.name.replace("_", "-")
+        assert flag in names, f"Limits.{field.name} has no --{flag}"
+        assert f"``--{flag}``" in docs, f"--{flag} is not in docs/operations.rst"
