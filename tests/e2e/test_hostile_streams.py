@@ -150,7 +150,7 @@ HOSTILE_LINES = [
 def test_hostile_numbers_get_err_on_every_transport_and_version(
     strict: Server, user: SSHUser, src: Path, line: bytes, message: str
 ) -> None:
-    """The same bad number is the same ERR over git:// and SSH (v0 and v2) and HTTP (v2); the
+    """The same bad number is the same ERR over git://, SSH and HTTP, v0 and v2 on each; the
     server stays up and a bystander's clone still works."""
     oid = head_oid(src)
     v2 = v2_fetch(b"want " + oid + b"\n", line, b"done\n")
@@ -163,14 +163,18 @@ def test_hostile_numbers_get_err_on_every_transport_and_version(
         "ssh v0": ssh_git(user, f"git-upload-pack '{REPO}.git'", v0).stdout,
         "ssh v2": ssh_git(user, f"git-upload-pack '{REPO}.git'", v2, version=2).stdout,
     }
-    status, headers, body = strict.request(
-        "POST",
-        f"/{OPEN}.git/git-upload-pack",
-        v2,
-        {"Content-Type": "application/x-git-upload-pack-request", "Git-Protocol": "version=2"},
-    )
-    answers["http v2"] = body
-    assert status == 200 and headers["content-type"] == "application/x-git-upload-pack-result"
+    for version, body in ((0, v0), (2, v2)):
+        status, headers, answer = strict.request(
+            "POST",
+            f"/{OPEN}.git/git-upload-pack",
+            body,
+            {
+                "Content-Type": "application/x-git-upload-pack-request",
+                **({"Git-Protocol": "version=2"} if version == 2 else {}),
+            },
+        )
+        assert status == 200 and headers["content-type"] == "application/x-git-upload-pack-result"
+        answers[f"http v{version}"] = answer
     for where, answer in answers.items():
         assert expected in answer, f"{where}: {answer[-300:]!r}"
         assert b"PACK" not in answer and b"Traceback" not in answer, where
