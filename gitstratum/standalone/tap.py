@@ -72,14 +72,16 @@ PRIVATE_UMASK = 0o077
 
 def make_private(path: str) -> int:
     """Take group and other permissions off *path* and everything under it; return how many
-    paths changed.  Symbolic links are left alone (and not followed)."""
+    paths changed.  Symbolic links are left alone (and not followed), and so is anything
+    another user owns (it is not the server's to change)."""
     changed = 0
+    me = os.geteuid()
 
     def tighten(p: str) -> None:
         nonlocal changed
         try:
             st = os.lstat(p)
-            if not stat.S_ISLNK(st.st_mode) and st.st_mode & 0o077:
+            if not stat.S_ISLNK(st.st_mode) and st.st_uid == me and st.st_mode & 0o077:
                 os.chmod(p, stat.S_IMODE(st.st_mode) & 0o700)
                 changed += 1
         except FileNotFoundError:
@@ -107,7 +109,11 @@ def _secure_data_dir(options: Any, data_dir: str, log: Logger) -> None:
     dirs = [data_dir]
     cache_dir = options["pack-cache-dir"]
     if cache_dir and os.path.isdir(cache_dir):
-        dirs.append(os.path.abspath(cache_dir))
+        if os.stat(cache_dir).st_mode & stat.S_ISVTX:
+            # A shared directory such as /tmp: only the entries we create are ours (umask 077).
+            log.warn("Not changing the permissions of shared --pack-cache-dir {dir}", dir=cache_dir)
+        else:
+            dirs.append(os.path.abspath(cache_dir))
     for path in dirs:
         changed = make_private(path)
         if changed:

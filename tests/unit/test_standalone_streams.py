@@ -12,7 +12,7 @@ import pytest
 from twisted.python import usage
 
 from gitstratum.core.limits import Limits
-from gitstratum.standalone.tap import Options, make_private, worker_argv
+from gitstratum.standalone.tap import Options, _secure_data_dir, make_private, worker_argv
 
 
 def parsed(*argv: str) -> Options:
@@ -110,3 +110,46 @@ def test_every_limit_is_an_option_and_documented() -> None:
         flag = field.name.replace("_", "-")
         assert flag in names, f"Limits.{field.name} has no --{flag}"
         assert f"``--{flag}``" in docs, f"--{flag} is not in docs/operations.rst"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a file another user owns needs root")
+def test_make_private_leaves_other_users_files_alone(tmp_path: Path) -> None:
+    """A path owned by someone else is not the server's to change (e.g. in a shared cache dir)."""
+    theirs = tmp_path / "theirs"
+    theirs.write_bytes(b"t")
+    os.chmod(theirs, 0o644)
+    os.chown(theirs, 12345, 12345)
+    os.chmod(tmp_path, 0o700)
+    assert make_private(str(tmp_path)) == 0
+    assert stat.S_IMODE(theirs.stat().st_mode) == 0o644
+
+
+class Warnings:
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def warn(self, text: str, **fields: Any) -> None:
+        self.seen.append(text.format(**fields))
+
+
+def test_start_sets_umask_077_and_tightens_the_data_and_cache_dirs(tmp_path: Path) -> None:
+    """At start: umask 077, the data dir and a dedicated --pack-cache-dir made private; a
+    shared (sticky, like /tmp) cache dir is left as it is, with a warning."""
+    data, cache, shared = tmp_path / "data", tmp_path / "cache", tmp_path / "shared"
+    for d in (data, cache, shared):
+        d.mkdir()
+        (d / "f").write_bytes(b"x")
+        os.chmod(d / "f", 0o644)
+        os.chmod(d, 0o755)
+    os.chmod(shared, 0o1777)
+    old = os.umask(0o022)
+    try:
+        log = Warnings()
+        _secure_data_dir(parsed("--pack-cache-dir", str(cache)), str(data), log)  # type: ignore[arg-type]
+        assert os.umask(0o022) == 0o077
+        _secure_data_dir(parsed("--pack-cache-dir", str(shared)), str(data), log)  # type: ignore[arg-type]
+    finally:
+        os.umask(old)
+    assert modes(data) == {".": 0o700, "f": 0o600} and modes(cache) == {".": 0o700, "f": 0o600}
+    assert modes(shared) == {".": 0o1777, "f": 0o644}
+    assert len(log.seen) == 3 and "shared --pack-cache-dir" in log.seen[2]
