@@ -106,15 +106,17 @@ def _secure_data_dir(options: Any, data_dir: str, log: Logger) -> None:
     os.makedirs(data_dir, mode=0o700, exist_ok=True)
     if options["worker-fds"]:
         return
-    dirs = [data_dir]
+    dirs = {"--data-dir": data_dir}
     cache_dir = options["pack-cache-dir"]
     if cache_dir and os.path.isdir(cache_dir):
-        if os.stat(cache_dir).st_mode & stat.S_ISVTX:
+        dirs["--pack-cache-dir"] = os.path.abspath(cache_dir)
+    for option, path in dirs.items():
+        if os.stat(path).st_mode & stat.S_ISVTX:
             # A shared directory such as /tmp: only the entries we create are ours (umask 077).
-            log.warn("Not changing the permissions of shared --pack-cache-dir {dir}", dir=cache_dir)
-        else:
-            dirs.append(os.path.abspath(cache_dir))
-    for path in dirs:
+            log.warn(
+                "Not changing the permissions of shared {option} {dir}", option=option, dir=path
+            )
+            continue
         changed = make_private(path)
         if changed:
             log.warn(
