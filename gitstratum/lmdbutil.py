@@ -21,13 +21,15 @@ def open_env(path: str, *, map_size: int, max_dbs: int) -> lmdb.Environment:
     """Open (creating if needed) the environment in directory *path*.
 
     ``readahead=False`` because point reads of random keys dominate and
-    readahead would evict hot pages; ``writemap=False`` so a stray write
+    readahead would evict hot pages; the files are created 0600 (the stores
+    hold private repositories); ``writemap=False`` so a stray write
     through a buffer can never corrupt the file.  Commits are synchronous
     (LMDB's default ``sync=True``), so a returned write is durable.
     """
-    os.makedirs(path, exist_ok=True)
+    os.makedirs(path, mode=0o700, exist_ok=True)
     return lmdb.open(
         path,
+        mode=0o600,  # data.mdb and lock.mdb: the server's user's alone, whatever the umask
         subdir=True,
         max_dbs=max_dbs,
         map_size=map_size,

@@ -28,6 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from gitstratum.core.limits import NumberError, parse_number
 from gitstratum.core.pktline import NEED_DATA, Packet, PktLineDecoder, PktLineError, error_pkt
 from gitstratum.frontend.auth import Authorizer, Decision
 from gitstratum.frontend.metrics import record_request
@@ -98,6 +99,11 @@ def parse_daemon_request(payload: bytes) -> DaemonRequest:
         match = _HOST.match(raw_host)
         if match is None:
             raise DaemonRequestError(f"protocol error: invalid host '{_printable(raw_host)}'")
+        if match.group(2):
+            try:
+                parse_number(match.group(2)[1:].encode(), high=65535)
+            except NumberError as e:
+                raise DaemonRequestError(f"protocol error: invalid host port ({e})") from None
         host = match.group(1).lower()
     extra: tuple[bytes, ...] = ()
     # Extra parameters follow one empty field: "host=H\0\0version=2\0".
@@ -133,7 +139,7 @@ class GitDaemonProtocol(Protocol):
 
     def __init__(self, factory: GitDaemonFactory):
         self.factory = factory
-        self.decoder = PktLineDecoder()
+        self.decoder = PktLineDecoder(factory.backend.limits.max_empty_packets)
         self.request: DaemonRequest | None = None
         self.stream: IProtocol | None = None
         self._timeout: IDelayedCall | None = None

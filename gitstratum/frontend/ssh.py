@@ -43,6 +43,7 @@ from twisted.conch.ssh.connection import (
 from twisted.conch.ssh.factory import SSHFactory
 from twisted.conch.ssh.keys import BadKeyError, Key
 from twisted.conch.ssh.transport import (
+    DISCONNECT_BY_APPLICATION,
     DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE,
     SSHServerTransport,
 )
@@ -540,6 +541,11 @@ class GitSessionChannel(SSHChannel):
         self._pending = lambda: self._exec(command)
         return 1
 
+    @property
+    def started(self) -> bool:
+        """Whether the client asked this channel to run something (exec or shell)."""
+        return self._started
+
     def request_answered(self) -> None:
         """Called by ``GitSSHConnection`` once a request's reply is on its way."""
         pending, self._pending = self._pending, None
@@ -780,6 +786,47 @@ class GitSSHConnection(SSHConnection):
     to its request has been sent.
     """
 
+    _log = Logger()
+    _idle_call: IDelayedCall | None = None
+    _quiet_checks = 0
+
+    def serviceStarted(self) -> None:
+        super().serviceStarted()
+        self._arm_idle()
+
+    def serviceStopped(self) -> None:
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = None
+        super().serviceStopped()
+
+    def _arm_idle(self) -> None:
+        """A logged-in connection running no git command is dropped after the factory's
+        ``idle_timeout`` (checked each quarter of it): a running command has the stream's own
+        idle limit, but a client that opens no channel, or never says what to run in one,
+        would otherwise hold its connection for ever."""
+        factory: Any = getattr(self.transport, "factory", None)
+        timeout = getattr(factory, "idle_timeout", 0)
+        if timeout > 0:
+            self._idle_call = factory.clock.callLater(timeout / 4, self._check_idle, timeout)
+
+    def _check_idle(self, timeout: float) -> None:
+        self._idle_call = None
+        started = any(getattr(c, "started", False) for c in self.channels.values())
+        self._quiet_checks = 0 if started else self._quiet_checks + 1
+        if self._quiet_checks < 4:
+            self._arm_idle()
+            return
+        transport = cast(SSHServerTransport, self.transport)
+        self._log.info(
+            "SSH {peer}: no git command for {seconds} s",
+            peer=_peer(transport),
+            seconds=timeout,
+        )
+        transport.sendDisconnect(
+            DISCONNECT_BY_APPLICATION, b"timeout: no git command for %g s" % timeout
+        )
+
     def adjustWindow(self, channel: SSHChannel, bytesToAdd: int) -> None:
         if getattr(channel, "reading_paused", False):
             return
@@ -901,6 +948,7 @@ class GitSSHFactory(SSHFactory):
         login_timeout: float,
         max_auth_attempts: int,
         clock: IReactorTime,
+        idle_timeout: float = 0.0,
     ):
         if max_auth_attempts < 1:
             raise ValueError("max_auth_attempts must be at least 1")
@@ -911,6 +959,8 @@ class GitSSHFactory(SSHFactory):
         self.login_timeout = login_timeout
         self.max_auth_attempts = max_auth_attempts
         self.clock = clock
+        #: seconds a logged-in connection may run no git command (0: for ever)
+        self.idle_timeout = idle_timeout
 
     def getPublicKeys(self) -> dict[bytes, Key]:
         return {kind: key.public() for kind, key in self.host_keys.items()}
@@ -933,13 +983,17 @@ def make_ssh_factory(
     max_auth_attempts: int = 6,
     clock: IReactorTime | None = None,
     stream_factory: StreamFactory | None = None,
+    idle_timeout: float | None = None,
 ) -> GitSSHFactory:
     """The SSH server factory for ``strports.service(endpoint, factory)``.
 
     *login_timeout* is how long a client may take to log in (Conch's
     default is ten hours); *max_auth_attempts* is how many failed logins
-    end the connection (Conch's default is 21).  *clock* defaults to the
-    global reactor.
+    end the connection (Conch's default is 21).  A logged-in connection
+    that runs no git command for *idle_timeout* seconds (default: the
+    backend's ``stream_idle_timeout``; 0 never) is dropped, as a running
+    command that goes quiet is.  *clock* defaults to
+    the global reactor.
     """
     if clock is None:
         from twisted.internet import reactor
@@ -956,4 +1010,5 @@ def make_ssh_factory(
         login_timeout=login_timeout,
         max_auth_attempts=max_auth_attempts,
         clock=clock,
+        idle_timeout=backend.limits.stream_idle_timeout if idle_timeout is None else idle_timeout,
     )

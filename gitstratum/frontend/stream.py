@@ -44,7 +44,6 @@ from gitstratum.core.pktline import (
     PktLineDecoder,
     PktLineError,
     Special,
-    error_pkt,
     pkt_line,
     strip_newline,
 )
@@ -87,6 +86,8 @@ _T = TypeVar("_T")
 _TRAILER = 20
 _PACK_HEADER = 12
 _CLIENT_ERRORS = (UploadPackError, ReceivePackError, PktLineError)
+#: idle checks per stream_idle_timeout: a silent client goes within 1 + 1/_IDLE_CHECKS timeouts
+_IDLE_CHECKS = 4
 
 
 def parse_git_protocol_env(value: bytes) -> int:
@@ -249,6 +250,7 @@ class GitStreamProtocol(Protocol):
         self._pool_steps = 0  # blocking steps in flight: the server is working, not idle
         self._idle_call: Any = None
         self._idle_seen: tuple[int, int] = (0, 0)
+        self._quiet_checks = 0
 
     # -- Twisted's hooks ---------------------------------------------------------
 
@@ -338,12 +340,16 @@ class GitStreamProtocol(Protocol):
         return self._received_total, self._nbytes + streamed
 
     def _arm_idle(self) -> None:
-        """Check every ``idle_timeout`` s that bytes moved one way or the other.
+        """Check, every quarter of ``stream_idle_timeout``, that bytes moved one way or the other.
 
-        A session is dropped between one and two periods after the last byte
-        moved, unless a blocking step (the server's own work) is in flight.
+        A session is dropped once four checks in a row saw no byte move and no
+        blocking step (the server's own work) in flight: between one and one
+        and a quarter timeouts after the client stopped, whether it stopped
+        between requests, part-way through a negotiation or part-way through
+        a pack (whose spool goes with the session).  Checking on a timer, not
+        re-arming one per byte, keeps a streaming pack's cost per chunk nil.
         """
-        timeout = self._limits.idle_timeout
+        timeout = self._limits.stream_idle_timeout
         if timeout <= 0 or self._finished:
             return
         call_later = self._backend.call_later
@@ -352,16 +358,20 @@ class GitStreamProtocol(Protocol):
 
             call_later = reactor.callLater  # type: ignore[attr-defined]
         self._idle_seen = self._progress()
-        self._idle_call = call_later(timeout, self._check_idle)
+        self._idle_call = call_later(timeout / _IDLE_CHECKS, self._check_idle)
 
     def _check_idle(self) -> None:
         self._idle_call = None
         if self._finished:
             return
         if self._pool_steps or self._progress() != self._idle_seen:
-            self._arm_idle()  # we were working, or bytes moved: not idle
+            self._quiet_checks = 0  # we were working, or bytes moved: not idle
+        else:
+            self._quiet_checks += 1
+        if self._quiet_checks < _IDLE_CHECKS:
+            self._arm_idle()
             return
-        seconds = self._limits.idle_timeout
+        seconds = self._limits.stream_idle_timeout
         self._log.info(
             "{service} session for {repo} idle for {seconds} s; closing",
             service=self._service,
@@ -369,7 +379,12 @@ class GitStreamProtocol(Protocol):
             seconds=seconds,
         )
         if self._producer is None:
-            self._write(error_pkt(f"timeout: nothing received for {seconds:g} s"))
+            self._write(
+                refusal(
+                    f"timeout: nothing received for {seconds:g} s",
+                    sideband=self._push_parser.asked_sideband,
+                )
+            )
         self._finish(128, "timeout")
 
     def _cancel_idle(self) -> None:

@@ -53,6 +53,7 @@ ATOMIC_FAILURE = "atomic push failure"
 UPDATE_FAILED = "failed to update ref"
 DELETE_FAILED = "failed to delete"
 FUNNY_REFNAME = "funny refname"
+DELETE_CURRENT = "deletion of the current branch prohibited"
 
 
 def read_object(
@@ -356,6 +357,7 @@ class PushProcessor:
     ) -> list[str | None]:
         """Per command, the reason it cannot be applied whatever the pack holds, or None."""
         counts = Counter(c.ref for c in commands)
+        current = self._protected_head(repo, commands)
         reasons: list[str | None] = []
         for command in commands:
             reason = None
@@ -373,9 +375,19 @@ class PushProcessor:
                 reason = "refname too long"
             elif counts[command.ref] > 1:
                 reason = f"multiple updates for ref '{_shown(command.ref)}' not allowed"
+            elif command.is_delete and command.ref == current:
+                messages.append(f"error: refusing to delete the current branch: {_shown(current)}")
+                reason = DELETE_CURRENT
             reasons.append(reason)
         self._check_name_conflicts(repo, commands, reasons, messages)
         return reasons
+
+    def _protected_head(self, repo: Repository, commands: tuple[Command, ...]) -> bytes | None:
+        """The branch HEAD points to, when this push deletes it and that is refused (git's
+        receive.denyDeleteCurrent), else None."""
+        if self.limits.allow_delete_current or not any(c.is_delete for c in commands):
+            return None
+        return self.metadata.get_refs(repo).head
 
     def _check_name_conflicts(
         self,

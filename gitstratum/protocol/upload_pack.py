@@ -15,14 +15,20 @@ where git has them, goes out as an ``ERR`` packet.
 from __future__ import annotations
 
 import enum
-import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Protocol
 
 import attrs
 
 from gitstratum import __version__
-from gitstratum.core.limits import MAX_SIDEBAND_DATA, Limits
+from gitstratum.core.limits import (
+    INT32_MAX,
+    INT63_MAX,
+    MAX_SIDEBAND_DATA,
+    Limits,
+    NumberError,
+    parse_number,
+)
 from gitstratum.core.oid import ZERO_OID, ObjectID, is_oid
 from gitstratum.core.pktline import (
     DELIM_PKT,
@@ -75,7 +81,7 @@ AGENT = b"gitstratum/" + __version__.encode("ascii")
 SERVICE = b"git-upload-pack"
 
 #: what ``git fetch --unshallow`` sends as its depth (git's INFINITE_DEPTH)
-INFINITE_DEPTH = 0x7FFFFFFF
+INFINITE_DEPTH = INT32_MAX
 
 #: data bytes per side-band packet: side-band-64k, and the original side-band (1000-byte packets)
 SIDEBAND_64K = MAX_SIDEBAND_DATA
@@ -132,8 +138,6 @@ class FilterKind(enum.Enum):
     TREE_DEPTH = "tree"
 
 
-_SCALE = {b"": 1, b"k": 1 << 10, b"m": 1 << 20, b"g": 1 << 30}
-_LIMIT_RE = re.compile(rb"([0-9]+)([kmg]?)", re.IGNORECASE)
 # filters git knows that we do not serve: refused by name, like uploadpackfilter.<name>.allow=false
 _UNSERVED_FILTERS = (b"sparse:oid", b"object:type", b"combine")
 
@@ -160,15 +164,14 @@ class ObjectFilter:
         if spec == b"blob:none":
             return cls(FilterKind.BLOB_NONE)
         if spec.startswith(b"blob:limit="):
-            m = _LIMIT_RE.fullmatch(spec[len(b"blob:limit=") :])
-            if m is None:
-                raise UploadPackError(f"invalid filter-spec '{_show(spec)}'")
-            return cls(FilterKind.BLOB_LIMIT, int(m.group(1)) * _SCALE[m.group(2).lower()])
+            size = _number(
+                spec[len(b"blob:limit=") :], f"invalid filter-spec '{_show(spec)}'", suffixes=True
+            )
+            return cls(FilterKind.BLOB_LIMIT, size)
         if spec.startswith(b"tree:"):
-            m = _LIMIT_RE.fullmatch(spec[len(b"tree:") :])
-            if m is None:
-                raise UploadPackError(f"invalid filter-spec '{_show(spec)}'")
-            depth = int(m.group(1)) * _SCALE[m.group(2).lower()]
+            depth = _number(
+                spec[len(b"tree:") :], f"invalid filter-spec '{_show(spec)}'", suffixes=True
+            )
             if depth != 0:
                 # git's wording when uploadpackfilter.tree.maxDepth is 0
                 raise UploadPackError(f"tree filter allows max depth 0, but got {depth}")
@@ -281,10 +284,15 @@ def _oid_arg(value: bytes, message: str) -> ObjectID:
     return ObjectID(value)
 
 
-def _positive(value: bytes, message: str) -> int:
-    if not value.isdigit() or int(value) <= 0:
-        raise UploadPackError(message)
-    return int(value)
+def _number(
+    value: bytes, message: str, *, low: int = 0, high: int = INT63_MAX, suffixes: bool = False
+) -> int:
+    """A number from the request, through the one bounded parser; *message* (git's words) and
+    the reason on refusal."""
+    try:
+        return parse_number(value, low=low, high=high, suffixes=suffixes)
+    except NumberError as e:
+        raise UploadPackError(f"{message} ({e})") from None
 
 
 def _check_object_format(value: bytes) -> None:
@@ -338,10 +346,13 @@ class _FetchArgs:
                     f"upload-pack: too many shallow lines (the limit is {self.limits.max_haves})"
                 )
         elif line.startswith(b"deepen "):
-            self.fields["depth"] = _positive(line[7:], f"Invalid deepen: {_show(line)}")
+            # git's own INFINITE_DEPTH (what --unshallow sends) is the deepest there is
+            self.fields["depth"] = _number(
+                line[7:], f"Invalid deepen: {_show(line)}", low=1, high=INFINITE_DEPTH
+            )
         elif line.startswith(b"deepen-since "):
-            self.fields["deepen_since"] = _positive(
-                line[13:], f"Invalid deepen-since: {_show(line)}"
+            self.fields["deepen_since"] = _number(
+                line[13:], f"Invalid deepen-since: {_show(line)}", low=1
             )
         elif line.startswith(b"deepen-not "):
             name = line[11:]

@@ -6,6 +6,7 @@ import ctypes
 import ctypes.util
 import os
 import signal
+import stat
 from typing import Any
 
 from twisted.application import strports
@@ -25,7 +26,7 @@ from gitstratum.standalone.workers import WorkerSupervisor, bind_tcp, parse_work
 from gitstratum.storage.lmdb_metadata import LMDBMetadataStore
 from gitstratum.storage.lmdb_objects import LMDBObjectStore
 
-__all__ = ["Options", "makeService", "StandaloneService"]
+__all__ = ["Options", "makeService", "StandaloneService", "make_private", "worker_argv"]
 
 _LIMIT_OPTIONS = [
     ("max-pack-bytes", "max_pack_bytes", int, "Largest push body (commands plus pack) accepted."),
@@ -46,6 +47,101 @@ _LIMIT_OPTIONS = [
     ("max-wants", "max_wants", int, "Most 'want' lines in one request."),
     ("idle-timeout", "idle_timeout", float, "Seconds before an idle HTTP connection is dropped."),
 ]
+
+# -- issue 9 (streams and the data directory): stream limits, push policy, private files --
+_LIMIT_OPTIONS += [
+    (
+        "stream-idle-timeout",
+        "stream_idle_timeout",
+        float,
+        "Seconds an SSH or git:// session may send and receive nothing (mid-request or"
+        " mid-pack) before it gets an error and is closed; 0 turns the limit off.",
+    ),
+]
+#: on/off limits: (flag, Limits attribute, help)
+_LIMIT_FLAGS = [
+    (
+        "allow-delete-current",
+        "allow_delete_current",
+        "Let a push delete the branch HEAD points to (refused by default, as git does).",
+    ),
+]
+#: what the server creates is its user's alone, whatever umask it was started with
+PRIVATE_UMASK = 0o077
+
+
+def make_private(path: str) -> int:
+    """Take group and other permissions off *path* and everything under it; return how many
+    paths changed.  Symbolic links are left alone (and not followed), and so is anything
+    another user owns (it is not the server's to change)."""
+    changed = 0
+    me = os.geteuid()
+
+    def tighten(p: str) -> None:
+        nonlocal changed
+        try:
+            st = os.lstat(p)
+            if not stat.S_ISLNK(st.st_mode) and st.st_uid == me and st.st_mode & 0o077:
+                os.chmod(p, stat.S_IMODE(st.st_mode) & 0o700)
+                changed += 1
+        except FileNotFoundError:
+            pass  # removed meanwhile (a pack-cache entry replaced by a running worker)
+
+    if not os.path.lexists(path):
+        return 0
+    tighten(path)
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            tighten(os.path.join(root, name))
+    return changed
+
+
+def _secure_data_dir(options: Any, data_dir: str, log: Logger) -> None:
+    """Before anything is created: umask 077, and any looser existing path made private.
+
+    A worker only sets the umask (it has it from the supervisor anyway): the supervisor
+    walked the directory before starting it, and other workers are writing there.
+    """
+    os.umask(PRIVATE_UMASK)
+    os.makedirs(data_dir, mode=0o700, exist_ok=True)
+    if options["worker-fds"]:
+        return
+    dirs = {"--data-dir": data_dir}
+    cache_dir = options["pack-cache-dir"]
+    if cache_dir and os.path.isdir(cache_dir):
+        dirs["--pack-cache-dir"] = os.path.abspath(cache_dir)
+    for option, path in dirs.items():
+        if os.stat(path).st_mode & stat.S_ISVTX:
+            # A shared directory such as /tmp: only the entries we create are ours (umask 077).
+            log.warn(
+                "Not changing the permissions of shared {option} {dir}", option=option, dir=path
+            )
+            continue
+        changed = make_private(path)
+        if changed:
+            log.warn(
+                "Made {count} paths under {path} private (0700/0600)", count=changed, path=path
+            )
+
+
+def worker_argv(options: Options, data_dir: str) -> list[str]:
+    """The options a worker process is started with: the supervisor's own, but for
+    ``--workers``/``--worker-fds``, with an absolute data directory; flags only when set."""
+    flags = {name for name, _, _ in _LIMIT_FLAGS}
+    argv = []
+    for name, value in sorted(options.items()):
+        if name in ("workers", "worker-fds") or value is None:
+            continue
+        if name in flags:
+            argv += [f"--{name}"] if value else []
+            continue
+        if name == "data-dir":
+            value = data_dir
+        argv.append(f"--{name}={value}")
+    return argv
+
+
+# -- end of issue 9's block --
 
 
 class Options(usage.Options):
@@ -145,6 +241,7 @@ class Options(usage.Options):
         ],
     ]
     optParameters += [[name, None, None, doc, kind] for name, _, kind, doc in _LIMIT_OPTIONS]
+    optFlags: list[list[Any]] = [[name, None, doc] for name, _, doc in _LIMIT_FLAGS]
 
     def postOptions(self) -> None:
         try:
@@ -163,6 +260,7 @@ class Options(usage.Options):
 
     def limits(self) -> Limits:
         given = {attr: self[name] for name, attr, _, _ in _LIMIT_OPTIONS if self[name] is not None}
+        given.update({attr: bool(self[name]) for name, attr, _ in _LIMIT_FLAGS})
         return Limits(**given)
 
     def admission_policy(self) -> AdmissionPolicy:
@@ -210,7 +308,7 @@ class StandaloneService(MultiService):
             self._reactor = default_reactor
         reactor: Any = self._reactor
         data_dir = os.path.abspath(self.options["data-dir"])
-        os.makedirs(data_dir, exist_ok=True)
+        _secure_data_dir(self.options, data_dir, self.log)
         if self.options["workers"] > 1 and not self.options["worker-fds"]:
             self._supervise(reactor, data_dir)
             super().startService()
@@ -224,7 +322,7 @@ class StandaloneService(MultiService):
         reactor.suggestThreadPoolSize(self.options["threads"])
         run = thread_runner(reactor, reactor.getThreadPool())
         spool_dir = os.path.join(data_dir, "spool")
-        os.makedirs(spool_dir, exist_ok=True)
+        os.makedirs(spool_dir, mode=0o700, exist_ok=True)
         metrics = Metrics()
         policy = self.options.admission_policy()
         if self.options["pack-cache-bytes"] > 0:
@@ -315,17 +413,10 @@ class StandaloneService(MultiService):
         if "ssh" in endpoints:
             load_or_create_host_keys(data_dir)  # once, before workers race to make them
         sockets = {name: bind_tcp(desc) for name, desc in endpoints.items()}
-        argv = []
-        for name, value in sorted(self.options.items()):
-            if name in ("workers", "worker-fds") or value is None:
-                continue
-            if name == "data-dir":
-                value = data_dir
-            argv.append(f"--{name}={value}")
         supervisor = WorkerSupervisor(
             reactor=reactor,
             count=self.options["workers"],
-            worker_argv=argv,
+            worker_argv=worker_argv(self.options, data_dir),
             sockets=sockets,
             metrics_dir=os.path.join(data_dir, "metrics"),
         )

@@ -114,7 +114,7 @@ class WorkerSupervisor(Service):
     def startService(self) -> None:
         # Fresh metric files: counters of a previous run must not be summed in.
         shutil.rmtree(self.metrics_dir, ignore_errors=True)
-        os.makedirs(self.metrics_dir)
+        os.makedirs(self.metrics_dir, mode=0o700)
         Service.startService(self)
         for index in range(self.count):
             self._spawn(index)

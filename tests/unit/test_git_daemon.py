@@ -104,6 +104,10 @@ def test_extra_parameters_become_the_git_protocol_value() -> None:
         (b"git-upload-pack /x/y\0host=a/b\0", "invalid host"),
         (b"git-upload-pack /x/y\0host=a b\0", "invalid host"),
         (b"git-upload-pack /x/y\0host=\0", "invalid host"),
+        (
+            b"git-upload-pack /x/y\0host=h:99999\0",
+            r"invalid host port \(99999 is not between 0 and 65535\)",
+        ),
     ],
 )
 def test_malformed_requests_are_refused(payload: bytes, message: str) -> None:

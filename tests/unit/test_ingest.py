@@ -24,7 +24,7 @@ from gitstratum.core.limits import Limits
 from gitstratum.core.objects import ObjectType, PackReadyObject
 from gitstratum.core.oid import ZERO_OID, ObjectID, to_bin
 from gitstratum.protocol.ingest import PushProcessor, read_object
-from gitstratum.protocol.receive_pack import Command, PushRequest, ReportStatus
+from gitstratum.protocol.receive_pack import Command, PushRequest, RefResult, ReportStatus
 from gitstratum.storage.interfaces import RefUpdate, Repository
 from gitstratum.storage.lmdb_metadata import LMDBMetadataStore
 from gitstratum.storage.lmdb_objects import LMDBObjectStore
@@ -752,6 +752,32 @@ def test_atomic_push_success(env):
     assert env.refs() == {b"refs/heads/main": main, b"refs/heads/feature": feature}
 
 
+def test_deleting_the_current_branch_is_refused_and_changes_nothing(env):
+    """Deleting HEAD's branch is git's "deletion of the current branch prohibited"; the push's
+    other commands still apply, and allow_delete_current lets it through."""
+    env.import_main()
+    main = env.rev("main")
+    before = env.refs()
+    report = env.push([(main, ZERO_OID, b"refs/heads/main")], None)
+    assert report.results == (
+        RefResult(b"refs/heads/main", "deletion of the current branch prohibited"),
+    )
+    assert report.messages == ("error: refusing to delete the current branch: refs/heads/main",)
+    assert env.refs() == before
+    # Another branch goes; HEAD's stays, in the same push.
+    other = next(
+        r for r in before if r not in (b"refs/heads/main",) and r.startswith(b"refs/heads/")
+    )
+    report = env.push(
+        [(main, ZERO_OID, b"refs/heads/main"), (before[other], ZERO_OID, other)], None
+    )
+    assert report.results[0].error is not None and report.results[1].error is None
+    assert b"refs/heads/main" in env.refs() and other not in env.refs()
+    allowed = PushProcessor(env.metadata, env.objects, Limits(allow_delete_current=True))
+    report = env.push([(main, ZERO_OID, b"refs/heads/main")], None, processor=allowed)
+    assert report.ok and b"refs/heads/main" not in env.refs()
+
+
 def test_directory_file_conflicts(env):
     """refs/heads/a and refs/heads/a/b cannot both exist; deleting one in the same push frees the name."""
     env.import_main()
@@ -762,6 +788,7 @@ def test_directory_file_conflicts(env):
     )
     assert report.results[0].error == "failed to update ref"
     assert report.results[1].error == "funny refname"
+    env.metadata.set_head(env.repo, b"refs/heads/other")  # main may be deleted: not HEAD's
     report = env.push(
         [(main, ZERO_OID, b"refs/heads/main"), (ZERO_OID, main, b"refs/heads/main/sub")],
         env.spool(raw_pack([])),

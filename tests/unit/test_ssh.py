@@ -773,7 +773,7 @@ def test_login_timeout_counts_from_the_tcp_connection(world: World) -> None:
 
 def test_login_timeout_is_configurable_and_ends_at_login(world: World) -> None:
     """make_ssh_factory(login_timeout=...) sets the deadline; logging in cancels it."""
-    factory = world.make_factory(login_timeout=5.0)
+    factory = world.make_factory(login_timeout=5.0, idle_timeout=0)
     link, _ = connect(world, [], authenticate=False, factory=factory)
     world.clock.advance(4.9)
     link.flush()
@@ -787,6 +787,47 @@ def test_login_timeout_is_configurable_and_ends_at_login(world: World) -> None:
     world.clock.advance(100)
     link2.flush()
     assert link2.client.disconnected is None and not link2.client.lost
+    factory.doStop()
+
+
+def elapse(world: World, link: Link, seconds: float) -> None:
+    """Let *seconds* pass in half-second steps, as a reactor would, flushing the link after each."""
+    for _ in range(round(seconds * 2)):
+        world.clock.advance(0.5)
+        link.flush()
+
+
+def test_a_logged_in_connection_running_nothing_is_dropped(world: World) -> None:
+    """Logged in, but no channel: disconnected within 1.25 stream_idle_timeouts, saying why."""
+    factory = world.make_factory(idle_timeout=20.0)
+    link, _ = connect(world, [], factory=factory)
+    assert link.client.auth is not None and link.client.auth.succeeded
+    elapse(world, link, 19.5)
+    assert link.client.disconnected is None
+    elapse(world, link, 5)
+    assert link.client.disconnected is not None
+    assert link.client.disconnected[1] == b"timeout: no git command for 20 s"
+    assert link.client.lost and world.clock.getDelayedCalls() == []
+    factory.doStop()
+
+
+def test_a_channel_that_never_says_what_to_run_is_dropped(world: World) -> None:
+    """A session channel with no exec request does not keep the connection alive."""
+    factory = world.make_factory(idle_timeout=20.0)
+    link, seen = connect(world, [env(b"GIT_PROTOCOL", b"version=2")], factory=factory)
+    assert seen[0].open_failed is None and not seen[0].closed
+    elapse(world, link, 25)
+    assert link.client.disconnected is not None and link.client.lost
+
+
+def test_a_connection_running_a_git_command_is_left_to_the_stream(world: World) -> None:
+    """While a channel runs a command, the connection's own idle limit does not fire (the
+    stream protocol has its own); it applies again once the channel has closed."""
+    factory = world.make_factory(idle_timeout=20.0)
+    link, seen = connect(world, [exec_(b"git-upload-pack 'alice/proj.git'")], factory=factory)
+    assert world.streams and seen[0].status is None
+    elapse(world, link, 60)
+    assert link.client.disconnected is None and seen[0].status is None
     factory.doStop()
 
 

@@ -405,27 +405,46 @@ def test_recording_runner_holds_calls_until_released():
 # -- upload-pack v2 ---------------------------------------------------------------------------
 
 
+IDLE = Limits(stream_idle_timeout=30.0)
+
+
+def elapse(clock: Clock, seconds: float) -> None:
+    """Let *seconds* pass in half-second steps, as a reactor would, so that timers re-armed
+    on the way run at their own times (one ``advance`` would run each only once)."""
+    clock.pump([0.5] * round(seconds * 2))
+
+
 def test_a_silent_client_is_dropped_at_the_idle_timeout(connect):
-    """No byte from the client for idle_timeout seconds: ERR "timeout" and status 128."""
+    """No byte from the client for stream_idle_timeout seconds: ERR "timeout" and status 128."""
     clock = Clock()
-    session = connect(version=2, limits=Limits(idle_timeout=30.0), clock=clock)
+    session = connect(version=2, limits=IDLE, clock=clock)
     session.take()  # the advertisement
-    clock.advance(29)
+    elapse(clock, 29)
     assert session.status is None
-    clock.advance(1)
+    elapse(clock, 1)
     assert session.status == 128
-    assert b"ERR timeout" in session.take()
+    assert b"ERR timeout: nothing received for 30 s" in session.take()
     assert session.requests(service="upload-pack", repo_class="private", outcome="timeout") == 1
+    assert not clock.getDelayedCalls()  # the timer went with the session
+
+
+def test_the_stream_timeout_is_not_the_http_one(connect):
+    """Streams follow stream_idle_timeout whatever idle_timeout (HTTP's) says; 0 turns it off."""
+    clock = Clock()
+    session = connect(
+        version=2, limits=Limits(idle_timeout=5.0, stream_idle_timeout=0), clock=clock
+    )
+    elapse(clock, 1000)
+    assert session.status is None and not clock.getDelayedCalls()
 
 
 def test_a_client_that_keeps_talking_is_not_idle(world, connect):
-    """Bytes arriving within each idle period keep the session open."""
+    """Bytes arriving within each timeout keep the session open."""
     clock = Clock()
-    session = connect(version=2, limits=Limits(idle_timeout=30.0), clock=clock)
-    for _ in range(4):
-        clock.advance(20)
+    session = connect(version=2, limits=IDLE, clock=clock)
+    for _ in range(8):
+        elapse(clock, 29)
         session.send(v2_command("ls-refs"))
-        clock.advance(20)
     assert session.status is None
 
 
@@ -433,16 +452,31 @@ def test_server_work_in_the_pool_is_not_idleness(world, connect):
     """A blocking step that outlasts the idle timeout (a big push, a long plan) is waited for."""
     clock = Clock()
     runner = RecordingRunner(hold=True)
-    session = connect(version=2, limits=Limits(idle_timeout=30.0), clock=clock, run=runner)
+    session = connect(version=2, limits=IDLE, clock=clock, run=runner)
     session.send(v2_command("ls-refs"))
-    clock.advance(100)  # the ls-refs step is still "running"
+    elapse(clock, 100)  # the ls-refs step is still "running"
     assert session.status is None
     runner.release()
     assert b"refs/heads/main" in session.take()
-    clock.advance(30)  # checked once a period: the answer just went out, so not yet
+    elapse(clock, 29)  # the answer just went out: the client's time starts now
     assert session.status is None
-    clock.advance(30)  # a whole period with no byte either way
+    elapse(clock, 30 / 4 + 1)  # dropped within a quarter of the timeout past it
     assert session.status == 128
+
+
+def test_a_client_stalling_mid_negotiation_is_dropped(world, connect):
+    """v0: wants sent, then half a have line and nothing more: ERR timeout, 128, no pack."""
+    clock = Clock()
+    s = connect(limits=IDLE, clock=clock)
+    s.take()
+    s.send(wants_section(world.rev("main"), caps=b"multi_ack_detailed side-band-64k"))
+    s.take()
+    s.send(have_round(*UNKNOWN[:2])[:30])
+    elapse(clock, 29)
+    assert s.status is None
+    elapse(clock, 30 / 4 + 1)  # within a quarter of the timeout past it
+    assert s.status == 128
+    assert read(s.take()).lines == [b"ERR timeout: nothing received for 30 s"]
 
 
 def test_v2_session_answers_commands_until_a_lone_flush(world, connect):
@@ -1087,6 +1121,31 @@ def test_push_lost_mid_pack_changes_nothing(world, connect):
     s.protocol.connectionLost(Failure(ConnectionError("gone")))
     assert s.status == 128 and s.spooled() == []
     assert world.metadata.get_refs(repo).refs == {}
+
+
+@pytest.mark.parametrize("caps", [b"report-status", PUSH_CAPS])
+def test_a_push_stalling_mid_pack_is_dropped_and_its_spool_removed(world, connect, caps):
+    """Half a pack, then silence: the error where the client reads it (band 3 with side-band),
+    status 128, the spool file gone and no ref changed."""
+    clock = Clock()
+    repo = world.new_repo()
+    s = connect("receive-pack", repo=repo, limits=IDLE, clock=clock)
+    s.take()
+    pack = make_pack(world.src, "main")
+    s.send(push_request((ZERO_OID, world.rev("main"), b"refs/heads/main"), caps=caps))
+    for start in range(0, len(pack) // 2, 100):  # bytes keep coming for a while...
+        s.send(pack[start : start + 100])
+        elapse(clock, 10)
+    assert s.status is None and len(s.spooled()) == 1
+    elapse(clock, 37.5)  # ...then stop
+    assert s.status == 128 and s.spooled() == []
+    reply = s.take()
+    if b"side-band-64k" in caps:
+        assert read(reply).fatal == b"timeout: nothing received for 30 s\n"
+    else:
+        assert read(reply).lines == [b"ERR timeout: nothing received for 30 s"]
+    assert world.metadata.get_refs(repo).refs == {}
+    assert s.requests(service="receive-pack", repo_class="private", outcome="timeout") == 1
 
 
 @pytest.mark.parametrize(

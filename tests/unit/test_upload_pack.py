@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gitstratum.core.limits import Limits
+from gitstratum.core.limits import INT32_MAX, INT63_MAX, Limits
 from gitstratum.core.oid import ZERO_OID, ObjectID
 from gitstratum.core.pktline import (
     DELIM_PKT,
@@ -104,7 +104,7 @@ def test_filter_specs_we_serve(spec, kind, limit):
     assert ObjectFilter.parse(parsed.spec) == parsed
 
 
-@given(st.integers(min_value=0, max_value=1 << 40), st.sampled_from(["", "k", "m", "g", "K"]))
+@given(st.integers(min_value=0, max_value=1 << 32), st.sampled_from(["", "k", "m", "g", "K"]))
 def test_filter_spec_is_canonical(number, suffix):
     """The canonical spec writes the size out in bytes, so equal filters key a cache equally."""
     parsed = ObjectFilter.parse(b"blob:limit=%d%s" % (number, suffix.encode()))
@@ -121,8 +121,11 @@ def test_filter_spec_is_canonical(number, suffix):
         (b"sparse:oid=abc", "filter 'sparse:oid' not supported"),
         (b"combine:blob:none+tree:0", "filter 'combine' not supported"),
         (b"object:type=blob", "filter 'object:type' not supported"),
-        (b"blob:limit=", "invalid filter-spec 'blob:limit='"),
-        (b"blob:limit=12q", "invalid filter-spec 'blob:limit=12q'"),
+        (b"blob:limit=", "invalid filter-spec 'blob:limit=' ('' is not a decimal number)"),
+        (
+            b"blob:limit=12q",
+            "invalid filter-spec 'blob:limit=12q' ('12q' is not a decimal number)",
+        ),
         (b"nonsense", "invalid filter-spec 'nonsense'"),
     ],
 )
@@ -217,11 +220,17 @@ def test_v0_filter_needs_the_capability():
             want(A) + FLUSH_PKT + pkt_line(b"have " + B + b"\n"),
             "git upload-pack: protocol error, expected a flush or done after the haves",
         ),
-        (want(A) + pkt_line(b"deepen 0\n") + FLUSH_PKT, "Invalid deepen: deepen 0"),
-        (want(A) + pkt_line(b"deepen x\n") + FLUSH_PKT, "Invalid deepen: deepen x"),
+        (
+            want(A) + pkt_line(b"deepen 0\n") + FLUSH_PKT,
+            f"Invalid deepen: deepen 0 (0 is not between 1 and {INT32_MAX})",
+        ),
+        (
+            want(A) + pkt_line(b"deepen x\n") + FLUSH_PKT,
+            "Invalid deepen: deepen x ('x' is not a decimal number)",
+        ),
         (
             want(A) + pkt_line(b"deepen-since -5\n") + FLUSH_PKT,
-            "Invalid deepen-since: deepen-since -5",
+            "Invalid deepen-since: deepen-since -5 ('-5' is not a decimal number)",
         ),
         (want(A) + pkt_line(b"shallow zz\n") + FLUSH_PKT, "invalid shallow line: shallow zz"),
         (
@@ -251,6 +260,91 @@ def test_v0_malformed_requests(body, message):
     with pytest.raises(UploadPackError) as e:
         parse_v0_request(body, LIMITS)
     assert str(e.value) == message
+
+
+# -- numbers: one bounded parser for every number a client sends ---------------------------
+
+HOSTILE_NUMBERS = [
+    b"-1",
+    b"+1",
+    b" 1",
+    b"1 ",
+    b"1_000",
+    b"0x10",
+    b"1e3",
+    b"\xd9\xa3",  # ARABIC-INDIC DIGIT THREE, which str.isdigit() accepts
+    b"",
+    b"1k" * 3,
+]
+#: numbers too large for any bound; int() itself refuses the longest with a ValueError
+HUGE_NUMBERS = [b"1" + b"0" * 30, b"9" * 5000, b"0" * 5000 + b"1" * 21]
+
+
+@pytest.mark.parametrize("text", HOSTILE_NUMBERS + HUGE_NUMBERS)
+@pytest.mark.parametrize(
+    "line, prefix",
+    [
+        (b"deepen ", "Invalid deepen: "),
+        (b"deepen-since ", "Invalid deepen-since: "),
+        (b"filter blob:limit=", "invalid filter-spec "),
+        (b"filter tree:", "invalid filter-spec "),
+    ],
+)
+def test_hostile_numbers_are_refused_on_v0_and_v2(text, line, prefix):
+    """Signs, spaces, other bases, non-ASCII digits, nothing, and huge numbers are each a clear
+    UploadPackError naming the line and the reason, in v0 and in v2 alike."""
+    caps = b"filter" if line.startswith(b"filter") else b""
+    bodies = [
+        want(A, caps) + pkt_line(line + text + b"\n") + FLUSH_PKT,
+        fetch(line + text + b"\n"),
+    ]
+    for body, parse in zip(bodies, (parse_v0_request, parse_v2_request), strict=True):
+        with pytest.raises(UploadPackError) as e:
+            parse(body, LIMITS)
+        message = str(e.value)
+        assert message.startswith(prefix), message
+        reason = "is not between" if text in HUGE_NUMBERS else "is not a decimal number"
+        assert reason in message, message
+        assert len(message) < 400
+
+
+@pytest.mark.parametrize(
+    "line, value",
+    [
+        (b"deepen 2147483647", INT32_MAX),  # git's INFINITE_DEPTH: --unshallow
+        (b"deepen 0002", 2),  # leading zeros, as strtol reads them
+        (b"deepen " + b"0" * 5000 + b"7", 7),
+        (b"deepen-since 9223372036854775807", INT63_MAX),
+    ],
+)
+def test_numbers_at_their_bounds_are_taken(line, value):
+    """The largest accepted values parse, on both protocols."""
+    for body, parse in (
+        (want(A) + pkt_line(line + b"\n") + FLUSH_PKT, parse_v0_request),
+        (fetch(line + b"\n"), parse_v2_request),
+    ):
+        req = parse(body, LIMITS)
+        assert isinstance(req, FetchRequest)
+        assert value in (req.depth, req.deepen_since)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b"deepen 2147483648", b"deepen-since 9223372036854775808", b"deepen-since 0"],
+)
+def test_numbers_past_their_bounds_are_refused(line):
+    """One past each bound is refused, with the bound in the message."""
+    with pytest.raises(UploadPackError, match="is not between"):
+        parse_v2_request(fetch(line + b"\n"), LIMITS)
+
+
+def test_filter_sizes_are_bounded_after_their_suffix():
+    """blob:limit's k/m/g scale before the bound is checked: 8589934591g is over 2**63-1."""
+    assert ObjectFilter.parse(b"blob:limit=8589934591G").limit == 8589934591 << 30
+    with pytest.raises(UploadPackError, match="is not between 0 and 9223372036854775807"):
+        ObjectFilter.parse(b"blob:limit=8589934592g")
+    with pytest.raises(UploadPackError, match="is not a decimal number"):
+        ObjectFilter.parse(b"blob:limit=1kk")
 
 
 def test_v0_limits_on_wants_and_haves():
@@ -363,7 +457,7 @@ def test_v2_fetch_deepen_relative_and_infinite():
     wants=st.lists(oids, max_size=5),
     haves=st.lists(oids, max_size=5),
     shallows=st.lists(oids, max_size=3),
-    depth=st.integers(min_value=0, max_value=1 << 31),
+    depth=st.integers(min_value=0, max_value=INT32_MAX),
     flags=st.sets(
         st.sampled_from(["thin-pack", "ofs-delta", "include-tag", "no-progress", "done"])
     ),
@@ -411,7 +505,7 @@ def test_v2_fetch_round_trip(wants, haves, shallows, depth, flags):
             fetch("want-ref refs/heads/a\n", "want-ref refs/heads/a\n"),
             "want-ref refs/heads/a requested more than once",
         ),
-        (fetch("deepen 0\n"), "Invalid deepen: deepen 0"),
+        (fetch("deepen 0\n"), f"Invalid deepen: deepen 0 (0 is not between 1 and {INT32_MAX})"),
         (
             fetch("deepen 3\n", "deepen-since 12\n"),
             "git upload-pack: deepen and deepen-since (or deepen-not) cannot be used together",
