@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from http import HTTPStatus
 from typing import Any, cast
 
 import attrs
@@ -29,7 +30,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import RESPONSES, HTTPChannel, Request
+from twisted.web.http import HTTPChannel, Request
 from twisted.web.iweb import IRequest
 from twisted.web.server import Site
 
@@ -331,7 +332,7 @@ class GuardedChannel(HTTPChannel):
             return
         self._discard()
         body = message.encode("utf-8") + b"\n"
-        reason = RESPONSES.get(status, b"Error")
+        reason = HTTPStatus(status).phrase.encode("ascii")  # Twisted's table lacks 431
         self._tcp.write(
             b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
             b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (status, reason, len(body), body)
