@@ -70,12 +70,11 @@ _HTTP_LIMIT_OPTIONS = [
 
 
 def _http_limits(options: usage.Options) -> HTTPLimits:
-    """The HTTPLimits the options give (defaults for those not given); UsageError if impossible."""
-    given = {a: options[n] for n, a, _, _ in _HTTP_LIMIT_OPTIONS if options[n] is not None}
-    for name, attr, _, _ in _HTTP_LIMIT_OPTIONS:
-        if attr in given and given[attr] <= 0:
+    """The HTTPLimits the options give; UsageError for a limit of zero or less."""
+    for name, _, _, _ in _HTTP_LIMIT_OPTIONS:
+        if options[name] <= 0:
             raise usage.UsageError(f"--{name} must be positive")
-    return HTTPLimits(**given)
+    return HTTPLimits(**{attr: options[name] for name, attr, _, _ in _HTTP_LIMIT_OPTIONS})
 
 
 class Options(usage.Options):
@@ -175,7 +174,10 @@ class Options(usage.Options):
         ],
     ]
     optParameters += [[name, None, None, doc, kind] for name, _, kind, doc in _LIMIT_OPTIONS]
-    optParameters += [[n, None, None, doc, kind] for n, _, kind, doc in _HTTP_LIMIT_OPTIONS]
+    optParameters += [
+        [name, None, getattr(HTTPLimits(), attr), doc, kind]
+        for name, attr, kind, doc in _HTTP_LIMIT_OPTIONS
+    ]
 
     def postOptions(self) -> None:
         _http_limits(self)
