@@ -18,7 +18,7 @@ import base64
 import json
 import re
 from collections.abc import Callable, Coroutine, Mapping
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 from urllib.parse import unquote_to_bytes
 
 import attrs
@@ -39,6 +39,12 @@ from gitstratum.frontend.auth import (
     parse_bearer,
     ssh_fingerprint,
 )
+from gitstratum.frontend.http_guard import (
+    HTTPLimits,
+    JSONTooDeep,
+    check_json_depth,
+    declared_length,
+)
 from gitstratum.frontend.paths import RESERVED_OWNERS, valid_repo_name
 from gitstratum.frontend.threads import BlockingRunner
 from gitstratum.storage.interfaces import (
@@ -55,9 +61,19 @@ from gitstratum.storage.interfaces import (
     UserNotFound,
 )
 
-__all__ = ["AdminAPI", "ApiError", "MAX_BODY_BYTES", "check_repo_name", "check_user_name"]
+__all__ = [
+    "AdminAPI",
+    "ApiError",
+    "MAX_BODY_BYTES",
+    "MAX_JSON_DEPTH",
+    "check_repo_name",
+    "check_user_name",
+]
 
-MAX_BODY_BYTES = 1024 * 1024
+#: the default bound on a request body (``AdminAPI.max_body``)
+MAX_BODY_BYTES = HTTPLimits().api_max_body_bytes
+#: the default bound on a request body's JSON nesting (``AdminAPI.max_json_depth``)
+MAX_JSON_DEPTH = HTTPLimits().api_max_json_depth
 
 T = TypeVar("T")
 
@@ -219,6 +235,10 @@ class AdminAPI:
     run: BlockingRunner
     cluster_status: Callable[[], dict[str, Any]]
     prefix: str = attrs.field(default="/api/v1", kw_only=True)
+    #: bytes a request body may bring
+    max_body: int = attrs.field(default=MAX_BODY_BYTES, kw_only=True)
+    #: how deeply a request body's JSON may nest
+    max_json_depth: int = attrs.field(default=MAX_JSON_DEPTH, kw_only=True)
     app: Klein = attrs.field(init=False, factory=_WholePathKlein)
 
     _log = Logger()
@@ -283,6 +303,37 @@ class AdminAPI:
             request.setHeader(b"allow", ", ".join(error.valid_methods).encode("ascii"))
         return _respond(request, 405, {"error": "method not allowed"})
 
+    def admit(self, request: IRequest) -> Deferred[bytes | None]:
+        """Refuse a request that brings a body from its headers alone, before the body is read.
+
+        ``GuardedChannel`` asks this when the headers are complete.  The
+        caller must hold a valid token (else 401), be a site admin or, under
+        ``/repos/OWNER/NAME``, an ADMIN grantee of that repository (else what
+        the route would answer: 403 or 404), and declare no more than
+        ``max_body`` bytes (else 413).  None means: read the body and route.
+        """
+        d: Deferred[None] = ensureDeferred(self._admit(request))
+        return d.addErrback(lambda failure: self._failed(request, failure))
+
+    async def _admit(self, request: IRequest) -> None:
+        user = await self._caller(request)
+        if not user.is_admin:
+            path: bytes = request.path
+            parts = path[len(self.prefix) :].split(b"/")
+            if not path.startswith(self.prefix.encode() + b"/repos/") or len(parts) < 4:
+                raise ApiError(403, "you must be a site administrator to do that")
+            owner, name = (unquote_to_bytes(p).decode("utf-8", "replace") for p in parts[2:4])
+            await self._repo_admin(request, owner, name)
+        length = declared_length(request)
+        if length is not None and length > self.max_body:
+            raise ApiError(413, f"request body is larger than {self.max_body} bytes")
+
+    async def _json(self, request: IRequest, fields: set[str]) -> dict[str, Any]:
+        """The request body as a JSON object with no fields outside *fields* (parsed off the reactor)."""
+        return await self._call(
+            _read_json, request.content, fields, self.max_body, self.max_json_depth
+        )
+
     async def _call(self, f: Callable[..., T], *args: Any) -> T:
         return await self.run(f, *args)
 
@@ -325,7 +376,7 @@ class AdminAPI:
 
     async def _create_repo(self, request: IRequest) -> _Reply:
         await self._site_admin(request)
-        body = _read_json(request, {"name", "public"})
+        body = await self._json(request, {"name", "public"})
         name = _checked(check_repo_name, _field(body, "name", str))
         public = _field(body, "public", bool, False)
         try:
@@ -345,7 +396,7 @@ class AdminAPI:
 
     async def _patch_repo(self, request: IRequest, owner: str, name: str) -> _Reply:
         repo = await self._repo_admin(request, owner, name)
-        body = _read_json(request, {"public"})
+        body = await self._json(request, {"public"})
         public = _field(body, "public", bool)
         repo = await self._call(self.metadata.set_public, repo.name, public)
         return 200, _repo_json(repo)
@@ -358,7 +409,7 @@ class AdminAPI:
 
     async def _grant(self, request: IRequest, owner: str, name: str, grantee: str) -> _Reply:
         repo = await self._repo_admin(request, owner, name)
-        body = _read_json(request, {"permission"})
+        body = await self._json(request, {"permission"})
         permission = _checked(Permission.parse, _field(body, "permission", str))
         user = await self._user(grantee)
         await self._call(self.metadata.grant, user.name, repo.name, permission)
@@ -374,7 +425,7 @@ class AdminAPI:
 
     async def _create_user(self, request: IRequest) -> _Reply:
         await self._site_admin(request)
-        body = _read_json(request, {"name", "admin"})
+        body = await self._json(request, {"name", "admin"})
         name = _checked(check_user_name, _field(body, "name", str))
         admin = _field(body, "admin", bool, False)
         try:
@@ -397,7 +448,7 @@ class AdminAPI:
 
     async def _add_key(self, request: IRequest, name: str) -> _Reply:
         await self._site_admin(request)
-        body = _read_json(request, {"key"})
+        body = await self._json(request, {"key"})
         text = _field(body, "key", str)
         user = await self._user(name)
         key = _parse_public_key(user.name, text)
@@ -448,17 +499,23 @@ def _checked(check: Callable[[str], T], value: str) -> T:
         raise ApiError(400, str(e)) from None
 
 
-def _read_json(request: IRequest, fields: set[str]) -> dict[str, Any]:
-    """The request body as a JSON object with no fields outside *fields*."""
-    length = request.getHeader(b"content-length")
-    if length is not None and length.strip().isdigit() and int(length) > MAX_BODY_BYTES:
-        raise ApiError(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
-    content = request.content
-    raw = content.read(MAX_BODY_BYTES + 1) if content is not None else b""
-    if len(raw) > MAX_BODY_BYTES:
-        raise ApiError(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
+def _read_json(
+    content: IO[bytes] | None, fields: set[str], max_body: int, max_depth: int
+) -> dict[str, Any]:
+    """A request body as a JSON object with no fields outside *fields*.
+
+    At most *max_body* bytes are read, and the nesting is measured before
+    ``json.loads`` (which recurses once per level) sees the text.
+    """
+    raw = content.read(max_body + 1) if content is not None else b""
+    if len(raw) > max_body:
+        raise ApiError(413, f"request body is larger than {max_body} bytes")
     try:
-        body = json.loads(raw)
+        text = raw.decode("utf-8")
+        check_json_depth(text, max_depth)
+        body = json.loads(text)
+    except JSONTooDeep as e:
+        raise ApiError(400, str(e)) from None
     except (UnicodeDecodeError, ValueError):
         raise ApiError(400, "request body must be a JSON object") from None
     if not isinstance(body, dict):

@@ -18,6 +18,7 @@ from typing import IO, Any, BinaryIO, cast
 
 import attrs
 from klein import Klein
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IConsumer
 from twisted.logger import Logger
 from twisted.web import server
@@ -29,6 +30,7 @@ from gitstratum.core.pktline import FLUSH_PKT, PktLineError, error_pkt
 from gitstratum.frontend.admin_api import AdminAPI
 from gitstratum.frontend.admission import Overloaded
 from gitstratum.frontend.auth import Authorizer
+from gitstratum.frontend.http_guard import declared_length
 from gitstratum.frontend.metrics import Metrics, record_request, repo_class_of
 from gitstratum.frontend.paths import BadPath, GitPath, parse_git_path
 from gitstratum.frontend.sendfile import SendfileProducer, direct_socket
@@ -73,7 +75,8 @@ class _SpoolingRequest(server.Request):
     _body_seen: int = 0
     _bound: int = 0
 
-    def _body_bound(self) -> int:
+    def body_bound(self) -> int:
+        """The most body bytes this request may bring, by its endpoint."""
         raw = getattr(self.channel, "_path", b"") or b""
         path = raw.split(b"?", 1)[0]
         if path.endswith(b"/git-receive-pack"):
@@ -86,7 +89,7 @@ class _SpoolingRequest(server.Request):
 
     def gotLength(self, length: int | None) -> None:
         self._body_seen = 0
-        self._bound = self._body_bound()
+        self._bound = self.body_bound()
         self.body_too_large = length is not None and length > self._bound
         if length is not None and length < 100_000:
             self.content = _getContentFile(length)
@@ -95,8 +98,13 @@ class _SpoolingRequest(server.Request):
 
     def handleContentChunk(self, data: bytes) -> None:
         self._body_seen += len(data)
-        if self._body_seen > self._bound:
+        if self._body_seen > self._bound and not self.body_too_large:
             self.body_too_large = True
+            # A body of undeclared length just passed the bound: a GuardedChannel
+            # answers 413 now rather than read the rest of a stream that may not end.
+            refuse = getattr(self.channel, "refuse", None)
+            if refuse is not None:
+                refuse(413, "too_large", "Request body too large")
         if self.body_too_large:
             # Also when Content-Length said so up front: the answer is 413 either way.
             return
@@ -268,7 +276,8 @@ class GitHTTP:
         return self.admin.app.resource()
 
     # -- git ----------------------------------------------------------------------
-    async def _git(self, request: IRequest) -> bytes | None:
+    def _route(self, request: IRequest) -> GitPath | bytes:
+        """The git path a request is for, or the refusal already set up when it has none."""
         try:
             path = parse_git_path(request.path)
         except BadPath as e:
@@ -283,16 +292,54 @@ class GitHTTP:
                 "not_found",
                 repo=path.repo,
             )
-        method = request.method
-        if path.endpoint == b"info/refs":
-            if method not in (b"GET", b"HEAD"):
-                return self._refuse(request, 405, "Method not allowed", "bad_request", path.repo)
-            return await self._info_refs(request, path)
-        if method != b"POST":
+        allowed = (b"GET", b"HEAD") if path.endpoint == b"info/refs" else (b"POST",)
+        if request.method not in allowed:
             return self._refuse(request, 405, "Method not allowed", "bad_request", path.repo)
+        return path
+
+    async def _git(self, request: IRequest) -> bytes | None:
+        path = self._route(request)
+        if isinstance(path, bytes):
+            return path
+        if path.endpoint == b"info/refs":
+            return await self._info_refs(request, path)
         if path.endpoint == b"git-upload-pack":
             return await self._upload_pack(request, path)
         return await self._receive_pack(request, path)
+
+    # -- before the body ------------------------------------------------------------
+    def admit(self, request: IRequest) -> Deferred[bytes | None]:
+        """Refuse a request that brings a body from its headers alone, before the body is read.
+
+        ``GuardedChannel`` calls this when the headers are complete, with the
+        connection paused.  The answer is None (read the body and serve the
+        request) or the body of the refusal the request's handler would have
+        given, its status and headers already set on *request*: the same
+        401/404/403 for the caller, 415 for the content type, 413 for a
+        declared length over the endpoint's limit.
+        """
+        if request.path.startswith(b"/api/"):
+            return self.admin.admit(request)
+        return ensureDeferred(self._admit_git(request))
+
+    async def _admit_git(self, request: IRequest) -> bytes | None:
+        if not request.path.endswith((b"/git-upload-pack", b"/git-receive-pack")):
+            return None  # no other route reads a body: GuardedChannel refuses one (413)
+        path = self._route(request)
+        if isinstance(path, bytes):
+            return path
+        fetch = path.endpoint == b"git-upload-pack"
+        ex = _Exchange(service="upload-pack" if fetch else "receive-pack")
+        need = Permission.READ if fetch else Permission.WRITE
+        # The handler asks again once the body is in: access may change meanwhile.
+        refused = await self._authorize(request, path, need, ex)
+        if isinstance(refused, bytes):
+            return refused
+        return self._check_body(request, ex, path.endpoint)
+
+    def refused_early(self, status: int, outcome: str) -> None:
+        """Count and log a request the connection refused before it was routed."""
+        self._finish(_Exchange(service="http", status=status, outcome=outcome))
 
     def _refuse(
         self, request: IRequest, status: int, message: str, outcome: str, repo: str = "-"
@@ -389,11 +436,19 @@ class GitHTTP:
             return self._plain(
                 request, 415, f"Content-Type must be application/x-{kind.decode()}-request"
             )
-        if getattr(request, "body_too_large", False):
+        limit = self._body_limit(kind)
+        length = declared_length(request)
+        if getattr(request, "body_too_large", False) or (length is not None and length > limit):
             ex.status, ex.outcome = 413, "too_large"
             self._finish(ex)
             return self._plain(request, 413, "Request body too large")
         return None
+
+    def _body_limit(self, kind: bytes) -> int:
+        """The most body bytes a request to *kind* may declare."""
+        if kind == b"git-upload-pack":
+            return self.limits.max_request_bytes
+        return self.limits.max_pack_bytes
 
     def _is_gzip(self, request: IRequest) -> bool:
         return (request.getHeader(b"content-encoding") or b"").lower() in (b"gzip", b"x-gzip")

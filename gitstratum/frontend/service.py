@@ -29,6 +29,7 @@ from gitstratum.frontend.admission import Admission, AdmissionPolicy
 from gitstratum.frontend.auth import Authorizer
 from gitstratum.frontend.git_daemon import GitDaemonFactory, make_git_daemon_factory
 from gitstratum.frontend.http import GitHTTP, spooling_request_factory
+from gitstratum.frontend.http_guard import GuardedSite, HTTPLimits
 from gitstratum.frontend.metrics import Metrics
 from gitstratum.frontend.ssh import GitSSHFactory, make_ssh_factory
 from gitstratum.frontend.stream import GitBackend
@@ -90,8 +91,13 @@ class Frontend:
     authorizer: Authorizer
     http: GitHTTP
 
-    def site(self, *, spool_dir: str) -> Site:
-        return make_site(self.http, limits=self.backend.limits, spool_dir=spool_dir)
+    def site(self, *, spool_dir: str, http_limits: HTTPLimits | None = None) -> Site:
+        return make_site(
+            self.http,
+            limits=self.backend.limits,
+            spool_dir=spool_dir,
+            http_limits=http_limits,
+        )
 
     def ssh_factory(
         self,
@@ -134,6 +140,7 @@ def build_frontend(
     prewarm_refs: Sequence[str] | None = None,
     call_from_thread: Callable[..., object] = _call_inline,
     sendfile: bool = True,
+    http_limits: HTTPLimits | None = None,
 ) -> Frontend:
     """Wire the engines, auth, admin API and metrics once for every transport.
 
@@ -144,8 +151,10 @@ def build_frontend(
     matching these globs; None leaves it off), with *call_from_thread* to
     reach the reactor from a push's worker thread (the default calls
     inline, for tests with an inline runner).  *sendfile* lets HTTP send
-    complete cache entries straight from their files.
+    complete cache entries straight from their files.  *http_limits* bound
+    the admin API's JSON bodies (the rest of them apply in ``make_site``).
     """
+    http_limits = http_limits or HTTPLimits()
     authorizer = Authorizer(metadata)
     metrics = metrics or Metrics()
 
@@ -198,7 +207,14 @@ def build_frontend(
         authorizer=authorizer,
         upload=backend.upload,
         push=backend.push,
-        admin=AdminAPI(metadata, authorizer, run, cluster_status or status),
+        admin=AdminAPI(
+            metadata,
+            authorizer,
+            run,
+            cluster_status or status,
+            max_body=http_limits.api_max_body_bytes,
+            max_json_depth=http_limits.api_max_json_depth,
+        ),
         metrics=backend.metrics,
         run=run,
         limits=limits,
@@ -234,13 +250,22 @@ def build_git_http(
     ).http
 
 
-def make_site(app: GitHTTP, *, limits: Limits, spool_dir: str) -> Site:
-    """A Site whose requests spool bounded bodies under *spool_dir*."""
+def make_site(
+    app: GitHTTP, *, limits: Limits, spool_dir: str, http_limits: HTTPLimits | None = None
+) -> Site:
+    """A Site that refuses from the headers what it can, and spools bounded bodies under *spool_dir*."""
     os.makedirs(spool_dir, exist_ok=True)
-    site = Site(
+    site = GuardedSite(
         app.resource(),
+        limits=http_limits or HTTPLimits(),
+        admit=app.admit,
+        on_refused=app.refused_early,
         requestFactory=spooling_request_factory(
-            limits.max_pack_bytes, spool_dir, max_request_body=limits.max_request_bytes
+            limits.max_pack_bytes,
+            spool_dir,
+            max_request_body=limits.max_request_bytes,
+            # One byte over, so that the API itself sees the body is too large.
+            max_api_body=app.admin.max_body + 1,
         ),
         timeout=limits.idle_timeout,
     )

@@ -18,6 +18,7 @@ from gitstratum.cache.disk import DiskPackCache
 from gitstratum.core.limits import Limits
 from gitstratum.frontend.admission import AdmissionPolicy, RateLimit
 from gitstratum.frontend.auth import bootstrap_admin
+from gitstratum.frontend.http_guard import HTTPLimits
 from gitstratum.frontend.metrics import Metrics
 from gitstratum.frontend.service import build_frontend
 from gitstratum.frontend.ssh import host_key_fingerprints, load_or_create_host_keys
@@ -48,7 +49,7 @@ _LIMIT_OPTIONS = [
     ("idle-timeout", "idle_timeout", float, "Seconds before an idle HTTP connection is dropped."),
 ]
 
-# -- issue 9 (streams and the data directory): stream limits, push policy, private files --
+# Stream limits and push policy; what the server creates is its user's alone.
 _LIMIT_OPTIONS += [
     (
         "stream-idle-timeout",
@@ -141,7 +142,33 @@ def worker_argv(options: Options, data_dir: str) -> list[str]:
     return argv
 
 
-# -- end of issue 9's block --
+# What an HTTP client may send before its request is routed (HTTPLimits).
+_HTTP_LIMIT_OPTIONS = [
+    ("http-max-uri-bytes", "max_uri_bytes", int, "Longest HTTP request URI (longer: 414)."),
+    (
+        "http-max-header-bytes",
+        "max_header_bytes",
+        int,
+        "Most bytes of HTTP request headers (more: 431).",
+    ),
+    ("http-max-headers", "max_headers", int, "Most HTTP request header fields (more: 431)."),
+    (
+        "http-header-timeout",
+        "header_timeout",
+        float,
+        "Seconds an HTTP client may take to send a request's headers (slower: 408, closed).",
+    ),
+    ("api-max-body-bytes", "api_max_body_bytes", int, "Largest admin API request body (413)."),
+    ("api-max-json-depth", "api_max_json_depth", int, "Deepest admin API JSON nesting (400)."),
+]
+
+
+def _http_limits(options: usage.Options) -> HTTPLimits:
+    """The HTTPLimits the options give; UsageError for a limit of zero or less."""
+    for name, _, _, _ in _HTTP_LIMIT_OPTIONS:
+        if options[name] <= 0:
+            raise usage.UsageError(f"--{name} must be positive")
+    return HTTPLimits(**{attr: options[name] for name, attr, _, _ in _HTTP_LIMIT_OPTIONS})
 
 
 class Options(usage.Options):
@@ -242,8 +269,13 @@ class Options(usage.Options):
     ]
     optParameters += [[name, None, None, doc, kind] for name, _, kind, doc in _LIMIT_OPTIONS]
     optFlags: list[list[Any]] = [[name, None, doc] for name, _, doc in _LIMIT_FLAGS]
+    optParameters += [
+        [name, None, getattr(HTTPLimits(), attr), doc, kind]
+        for name, attr, kind, doc in _HTTP_LIMIT_OPTIONS
+    ]
 
     def postOptions(self) -> None:
+        _http_limits(self)
         try:
             self.admission_policy()
         except ValueError as e:
@@ -350,9 +382,11 @@ class StandaloneService(MultiService):
             prewarm_refs=self.options.prewarm_refs(),
             call_from_thread=reactor.callFromThread,
             sendfile=self.options["sendfile"] == "on",
+            http_limits=_http_limits(self.options),
         )
         self.frontend = frontend
-        self._listen("http", frontend.site(spool_dir=spool_dir), reactor)
+        site = frontend.site(spool_dir=spool_dir, http_limits=_http_limits(self.options))
+        self._listen("http", site, reactor)
         if self.options["ssh"] not in (None, "", "none"):
             host_keys = load_or_create_host_keys(data_dir)
             for kind, fingerprint in sorted(host_key_fingerprints(host_keys).items()):

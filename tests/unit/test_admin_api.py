@@ -6,6 +6,7 @@ import base64
 import io
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,21 @@ def h(tmp_path: Path) -> Iterator[Harness]:
         store, api, StubTreq(api.app.resource()), Path(token_file).read_text().strip(), status
     )
     store.close()
+
+
+@contextmanager
+def configured(tmp_path: Path, **options: Any) -> Iterator[Harness]:
+    """A harness over an AdminAPI built with these keyword *options* (prefix, max_body, ...)."""
+    store = LMDBMetadataStore(str(tmp_path / "meta"))
+    token_file = bootstrap_admin(store, str(tmp_path))
+    assert token_file is not None
+    api = AdminAPI(store, Authorizer(store), inline_runner, dict, **options)
+    try:
+        yield Harness(
+            store, api, StubTreq(api.app.resource()), Path(token_file).read_text().strip(), {}
+        )
+    finally:
+        store.close()
 
 
 def assert_error(reply: Reply, code: int, fragment: str = "") -> None:
@@ -545,14 +561,9 @@ def test_oversized_body_without_content_length_is_413(h: Harness) -> None:
 
 def test_prefix_moves_the_routes(tmp_path: Path) -> None:
     """With prefix='/v1' the API answers where a parent resource mounted it."""
-    store = LMDBMetadataStore(str(tmp_path / "meta"))
-    token_file = bootstrap_admin(store, str(tmp_path))
-    assert token_file is not None
-    api = AdminAPI(store, Authorizer(store), inline_runner, dict, prefix="/v1")
-    h = Harness(store, api, StubTreq(api.app.resource()), Path(token_file).read_text().strip(), {})
-    assert h.call("GET", "/v1/whoami").body == {"name": "admin", "admin": True}
-    assert h.call("GET", "/api/v1/whoami").code == 404
-    store.close()
+    with configured(tmp_path, prefix="/v1") as h:
+        assert h.call("GET", "/v1/whoami").body == {"name": "admin", "admin": True}
+        assert h.call("GET", "/api/v1/whoami").code == 404
 
 
 def test_routes_match_the_whole_path_wherever_the_api_is_mounted(h: Harness) -> None:
@@ -571,3 +582,84 @@ def test_routes_match_the_whole_path_wherever_the_api_is_mounted(h: Harness) -> 
         assert mounted.call("GET", "/api/v1/whoami").body == {"name": "admin", "admin": True}
         reply = mounted.call("GET", "/api/v1/users/admin/keys/SHA256:a%2Fb")
         assert_error(reply, 404, "has no key SHA256:a/b")
+
+
+# -- refused from the head (AdminAPI.admit, which GuardedChannel asks before reading a body) ----
+
+
+def admit(h: Harness, path: bytes, authorization: str | None, length: int = 10) -> Request:
+    """Run AdminAPI.admit on a POST with these headers; the request, its code set if refused."""
+    request = Request(DummyChannel(), False)
+    request.method, request.path = b"POST", path
+    if authorization is not None:
+        request.requestHeaders.addRawHeader(b"authorization", authorization.encode())
+    request.requestHeaders.addRawHeader(b"content-length", b"%d" % length)
+    results: list[Any] = []
+    h.api.admit(request).addBoth(results.append)
+    (result,) = results
+    request.admitted = result  # type: ignore[attr-defined]
+    return request
+
+
+def refusal(request: Any) -> dict[str, Any]:
+    return dict(json.loads(request.admitted))
+
+
+@pytest.mark.parametrize("authorization", [None, "Bearer gst_nonsense", "Basic eDp5"])
+def test_admit_refuses_a_body_without_a_valid_token(h: Harness, authorization: str | None) -> None:
+    """No token, a wrong one or the wrong scheme: 401 with the Bearer challenge, from the head."""
+    request = admit(h, b"/api/v1/repos", authorization)
+    assert request.code == 401
+    assert request.responseHeaders.getRawHeaders(b"www-authenticate") == [
+        b'Bearer realm="GitStratum"'
+    ]
+    assert "error" in refusal(request)
+
+
+def test_admit_lets_a_site_admin_through_within_the_body_limit(h: Harness) -> None:
+    """A site admin's body up to max_body is admitted (None); one byte more is 413."""
+    assert admit(h, b"/api/v1/repos", f"Bearer {h.admin_token}", MAX_BODY_BYTES).admitted is None
+    request = admit(h, b"/api/v1/repos", f"Bearer {h.admin_token}", MAX_BODY_BYTES + 1)
+    assert request.code == 413
+    assert "larger than" in refusal(request)["error"]
+
+
+def test_admit_refuses_a_non_admin_everywhere_but_repositories_it_administers(h: Harness) -> None:
+    """A plain user: 403 outside /repos/O/N, 404 on a repository it cannot see, through as its ADMIN."""
+    bob = f"Bearer {h.user('bob')}"
+    h.store.create_repository("o/mine", False)
+    h.store.create_repository("o/theirs", False)
+    h.store.grant("bob", "o/mine", Permission.ADMIN)
+    assert admit(h, b"/api/v1/users", bob).code == 403
+    assert admit(h, b"/api/v1/repos", bob).code == 403
+    assert admit(h, b"/api/v1/repos/o/theirs", bob).code == 404
+    assert admit(h, b"/api/v1/repos/o/mine/permissions/bob", bob).admitted is None
+    assert admit(h, b"/api/v1/repos/o/mine", bob).admitted is None
+    assert admit(h, b"/api/v1/repos/o/bad..name", bob).code == 400
+
+
+def test_max_body_is_configurable(tmp_path: Path) -> None:
+    """AdminAPI(max_body=...) moves the 413 bound for bodies read and bodies declared."""
+    with configured(tmp_path, max_body=20) as h:
+        assert h.call("POST", "/api/v1/repos", data=b'{"name": "a/b"}' + b" " * 5).code == 201
+        assert_error(h.call("POST", "/api/v1/repos", data=b'{"name": "a/c"}' + b" " * 6), 413)
+        assert admit(h, b"/api/v1/repos", f"Bearer {h.admin_token}", 21).code == 413
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"[" * 100_000, b"{" * 33 + b"}" * 33, b'{"name": ' + b"[" * 40 + b"]" * 40 + b"}"],
+)
+def test_deeply_nested_bodies_are_400_not_500(h: Harness, data: bytes) -> None:
+    """A body nested past max_json_depth (32) is 400 saying so; json.loads never recurses into it."""
+    assert_error(h.call("POST", "/api/v1/repos", data=data), 400, "nested more than 32 levels")
+    assert h.store.list_repositories() == []
+
+
+def test_nesting_up_to_max_json_depth_is_parsed(tmp_path: Path) -> None:
+    """At exactly max_json_depth the body is parsed (and refused only for what it says)."""
+    with configured(tmp_path, max_json_depth=3) as h:
+        reply = h.call("POST", "/api/v1/repos", data=b'{"name": [[1]]}')
+        assert_error(reply, 400, "field 'name' must be a string")
+        reply = h.call("POST", "/api/v1/repos", data=b'{"name": [[[1]]]}')
+        assert_error(reply, 400, "nested more than 3 levels")

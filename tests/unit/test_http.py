@@ -952,7 +952,8 @@ def test_site_refuses_a_push_body_over_max_pack_bytes_with_413(h: Harness, tmp_p
     assert out.startswith(b"HTTP/1.1 413 ")
     assert b"Request body too large" in out
     assert h.refs() == before
-    labels = {"service": "receive-pack", "repo_class": "private", "outcome": "too_large"}
+    # The site's bound (not the app's, which is larger here) refused it, from the header.
+    labels = {"service": "http", "repo_class": "none", "outcome": "too_large"}
     assert h.metric("gitstratum_requests_total", **labels) == 1
 
 
@@ -1046,3 +1047,105 @@ def test_pack_responses_raise_the_transport_send_limit() -> None:
     channel = type("C", (), {"transport": bare})()
     _raise_send_limit(type("R", (), {"channel": channel})())  # type: ignore[arg-type]
     assert not hasattr(bare, "SEND_LIMIT")
+
+
+# -- refused from the head, before the body (GitHTTP.admit through GuardedSite) ----------------
+
+
+def head_only(h: Harness, limits: Limits, spool: Path, head: bytes) -> tuple[bytes, Any]:
+    """Send only a request head to a real Site; the output so far and the channel."""
+    site = make_site(h.app, limits=limits, spool_dir=str(spool))
+    site.reactor = Clock()
+    channel = site.buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(head)
+    return transport.value(), channel
+
+
+@pytest.mark.parametrize(
+    ("who", "endpoint", "status", "message"),
+    [
+        (None, "git-receive-pack", 401, b"Authentication required."),
+        ("bad", "git-receive-pack", 401, b"Invalid username or token."),
+        ("stranger", "git-receive-pack", 404, b"Repository not found."),
+        ("reader", "git-receive-pack", 403, b"Permission to alice/proj.git denied to reader."),
+        (None, "git-upload-pack", 401, b"Authentication required."),
+        ("stranger", "git-upload-pack", 404, b"Repository not found."),
+    ],
+)
+def test_a_body_the_caller_may_not_send_is_refused_from_the_head(
+    h: Harness, tmp_path: Path, who: str | None, endpoint: str, status: int, message: bytes
+) -> None:
+    """401/403/404, as the handler would answer, go out before any body byte is read or spooled."""
+    auth = ""
+    if who is not None:
+        auth = f"Authorization: {basic(h, who, 'gst_wrong' if who == 'bad' else None)}\r\n"
+    head = (
+        f"POST /{PRIVATE}.git/{endpoint} HTTP/1.1\r\nHost: git.test\r\n{auth}"
+        f"Content-Type: application/x-{endpoint}-request\r\nContent-Length: {1 << 30}\r\n\r\n"
+    ).encode()
+    before = h.refs()
+    out, channel = head_only(h, Limits(), tmp_path / "spool", head)
+    assert out.startswith(b"HTTP/1.1 %d " % status)
+    assert out.endswith(message + b"\n")
+    assert b"Connection: close" in out
+    if status == 401:
+        assert b'WWW-Authenticate: Basic realm="GitStratum"' in out
+    assert channel.requests == []  # answered and done; no body is awaited
+    assert not any((tmp_path / "spool").iterdir())
+    assert h.refs() == before
+    service = "receive-pack" if endpoint == "git-receive-pack" else "upload-pack"
+    labels = {"service": service, "repo_class": "none", "outcome": "denied"}
+    assert h.metric("gitstratum_requests_total", **labels) == 1
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "headers", "status"),
+    [
+        ("git-receive-pack", f"Content-Type: {RECEIVE_REQUEST}\r\nContent-Length: 101", 413),
+        ("git-upload-pack", f"Content-Type: {UPLOAD_REQUEST}\r\nContent-Length: 65537", 413),
+        ("git-receive-pack", "Content-Type: text/plain\r\nContent-Length: 10", 415),
+        ("git-receive-pack", f"Content-Type: {RECEIVE_REQUEST}\r\nContent-Length: 100", None),
+    ],
+)
+def test_an_allowed_caller_is_still_held_to_the_endpoint_limits_from_the_head(
+    h: Harness, tmp_path: Path, endpoint: str, headers: str, status: int | None
+) -> None:
+    """The writer's Content-Length over max_pack_bytes/max_request_bytes is 413, a wrong type 415, at once."""
+    limits = Limits(max_pack_bytes=100, max_request_bytes=MAX_REQUEST)
+    h.app.limits = limits
+    head = post_head(h, f"/{PRIVATE}.git/{endpoint}", "", "")
+    head = head.replace(b"Content-Type: \r\n", headers.encode() + b"\r\n")
+    out, channel = head_only(h, limits, tmp_path / "spool", head)
+    if status is None:
+        assert out == b""  # admitted: the body is awaited
+        assert channel.requests[-1].content is not None
+    else:
+        assert out.startswith(b"HTTP/1.1 %d " % status)
+
+
+def test_a_refused_anonymous_push_lands_nothing_in_the_spool_however_much_it_sends(
+    h: Harness, tmp_path: Path
+) -> None:
+    """After the 401, megabytes more from the client go nowhere: no spool file, no request."""
+    head = (
+        f"POST /{PRIVATE}.git/git-receive-pack HTTP/1.1\r\nHost: git.test\r\n"
+        f"Authorization: {basic(h, 'x', 'gst_wrong')}\r\n"
+        f"Content-Type: {RECEIVE_REQUEST}\r\nTransfer-Encoding: chunked\r\n\r\n"
+    ).encode()
+    out, channel = head_only(h, Limits(), tmp_path / "spool", head)
+    assert out.startswith(b"HTTP/1.1 401 ")
+    for _ in range(64):
+        channel.dataReceived(b"10000\r\n" + b"z" * 0x10000 + b"\r\n")
+    assert not any((tmp_path / "spool").iterdir())
+    assert channel.requests == []
+
+
+def test_a_bad_path_with_a_body_is_refused_from_the_head(h: Harness, tmp_path: Path) -> None:
+    """A path the git router refuses (400) is refused before its body as well."""
+    head = post_head(
+        h, "/alice/../etc.git/git-receive-pack", RECEIVE_REQUEST, "Content-Length: 5\r\n"
+    )
+    out, _ = head_only(h, Limits(), tmp_path / "spool", head)
+    assert out.startswith(b"HTTP/1.1 400 ")
