@@ -21,7 +21,6 @@ members on loopback and the default (LAN) timeouts:
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import statistics
@@ -29,12 +28,26 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-from harness import ROOT
+from harness import BenchOptions, measured_at
+from twisted.python import usage
 
-sys.path.insert(0, str(ROOT))
+from gitstratum.testing.raft_process import KVPut, RaftCluster
 
-from gitstratum.testing.raft_process import KVPut, RaftCluster  # noqa: E402
+
+class Options(BenchOptions):
+    optParameters: list[list[Any]] = [
+        ["ops", None, 5000, "Puts per window size (1,000 at most for window 1).", int],
+        ["windows", None, "1,16,64,256", "Puts in flight, comma-separated."],
+        ["runs", None, 20, "Failover runs.", int],
+    ]
+
+    def postOptions(self) -> None:
+        try:
+            self["windows"] = [int(w) for w in self["windows"].split(",")]
+        except ValueError:
+            raise usage.UsageError("--windows: comma-separated integers") from None
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -125,31 +138,25 @@ def table(results: dict) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--ops", type=int, default=5000)
-    ap.add_argument("--windows", default="1,16,64,256")
-    ap.add_argument("--runs", type=int, default=20)
-    ap.add_argument("--out")
-    a = ap.parse_args()
+    a = Options()
+    a.run()
     work = Path(tempfile.mkdtemp(prefix="gs-bench-raft-"))
     cluster = RaftCluster(work)
-    results: dict = {}
+    results: dict = {"measured_at": measured_at()}
     try:
         cluster.start()
         cluster.leader()
         throughput(cluster, 200, 16)  # warm up: connections, LMDB maps
         results["throughput"] = [
-            throughput(cluster, a.ops if window > 1 else min(a.ops, 1000), window)
-            for window in map(int, a.windows.split(","))
+            throughput(cluster, a["ops"] if window > 1 else min(a["ops"], 1000), window)
+            for window in a["windows"]
         ]
-        results["failover"] = failover(cluster, a.runs)
+        results["failover"] = failover(cluster, a["runs"])
     finally:
         cluster.stop()
     print(table(results))
-    if a.out:
-        Path(a.out).write_text(json.dumps(results, indent=2))
+    if a["out"]:
+        Path(a["out"]).write_text(json.dumps(results, indent=2))
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

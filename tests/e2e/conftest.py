@@ -17,8 +17,9 @@ from pathlib import Path
 import attrs
 import pytest
 
+from gitstratum.testing.repogen import make_repo
+
 ROOT = Path(__file__).resolve().parents[2]
-BENCH = ROOT.parent / "shared" / "bench"
 
 
 def checkout_env(**extra: str) -> dict[str, str]:
@@ -286,30 +287,14 @@ _repo_cache: dict[tuple, Path] = {}
 def bench_repo(
     tmp_root: Path, files: int, commits: int, seed: int = 1, branches: int = 5, tags: int = 10
 ) -> Path:
-    """A make_repo.py repository (made once per session and shape)."""
+    """A ``gitstratum.testing.repogen`` repository (made once per session and shape)."""
     key = (files, commits, seed, branches, tags)
     if key not in _repo_cache:
-        out = tmp_root / f"src-{files}-{commits}-{seed}.git"
-        subprocess.run(
-            [
-                sys.executable,
-                str(BENCH / "make_repo.py"),
-                str(out),
-                "--files",
-                str(files),
-                "--commits",
-                str(commits),
-                "--seed",
-                str(seed),
-                "--branches",
-                str(branches),
-                "--tags",
-                str(tags),
-            ],
-            check=True,
-            capture_output=True,
+        out = tmp_root / f"src-{files}-{commits}-{seed}-{branches}-{tags}.git"
+        # linear main: the shallow tests count commits along it
+        _repo_cache[key] = make_repo(
+            out, files=files, commits=commits, seed=seed, branches=branches, tags=tags, merges=False
         )
-        _repo_cache[key] = out
     return _repo_cache[key]
 
 

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def pushed(server: Server, ci_token: str, repo_root: Path) -> tuple[str, Path]:
-    """make_repo.py's repository pushed with every branch and tag to acme/app."""
+    """bench_repo's generated repository pushed with every branch and tag to acme/app."""
     src = bench_repo(repo_root, files=600, commits=120)
     server.cli("repo", "create", "acme/app")
     server.cli("grant", "ci", "acme/app", "write")

@@ -90,7 +90,7 @@ def reader(server: Server, keys_dir: Path, owner: SSHUser) -> SSHUser:
 
 @pytest.fixture(scope="module")
 def pushed(server: Server, owner: SSHUser, repo_root: Path) -> Path:
-    """make_repo.py's repository pushed over SSH with every branch and tag to OWNER_REPO."""
+    """bench_repo's generated repository pushed over SSH with every branch and tag to OWNER_REPO."""
     src = bench_repo(repo_root, files=300, commits=60)
     url = server.ssh_url(OWNER_REPO)
     git("push", url, "--all", cwd=src, env=owner.env())
