@@ -300,6 +300,11 @@ def test_path_segments_are_escaped(h: Harness) -> None:
         ["grant", "bob", "org/r", "owner"],
         ["revoke", "bob"],
         ["key", "add", "bob"],
+        ["repo", "frob"],
+        ["repo", "create", "a/b", "extra"],
+        ["repo", "list", "--bogus"],
+        ["--bogus", "repo", "list"],
+        ["cluster"],
     ],
 )
 def test_usage_errors_exit_2(h: Harness, argv: list[str]) -> None:
@@ -307,9 +312,55 @@ def test_usage_errors_exit_2(h: Harness, argv: list[str]) -> None:
     recorder = Recorder(h.stub)
     result = h.run(*argv, client=recorder)
     assert result.code == 2
-    assert result.err.startswith("usage: gitstratum")
+    assert result.err.startswith("Usage: gitstratum")
     assert "gitstratum: error: " in result.err
     assert recorder.calls == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "usage", "error"),
+    [
+        (
+            ["frobnicate"],
+            "Usage: gitstratum [--url URL] [--token TOKEN] COMMAND ...",
+            "unknown COMMAND 'frobnicate' (choose from repo, user, token, key, grant, revoke,"
+            " cluster)",
+        ),
+        (
+            ["repo", "frob"],
+            "Usage: gitstratum [--url URL] [--token TOKEN] repo ACTION ...",
+            "unknown ACTION 'frob' (choose from create, list, delete)",
+        ),
+        (
+            ["repo", "create"],
+            "Usage: gitstratum [--url URL] [--token TOKEN] repo create OWNER/NAME [--public]",
+            "missing OWNER/NAME",
+        ),
+        (
+            ["grant", "bob", "org/r", "owner"],
+            "Usage: gitstratum [--url URL] [--token TOKEN] grant USER OWNER/NAME read|write|admin",
+            "argument PERMISSION: expected read, write or admin, not 'owner'",
+        ),
+        (
+            ["key", "remove", "bob"],
+            "Usage: gitstratum [--url URL] [--token TOKEN] key remove USER FINGERPRINT",
+            "missing FINGERPRINT",
+        ),
+    ],
+)
+def test_usage_errors_name_the_command_and_what_is_wrong(
+    h: Harness, argv: list[str], usage: str, error: str
+) -> None:
+    """A usage error prints the synopsis of the command it is about, then one line saying what is wrong."""
+    result = h.run(*argv)
+    assert result == Result(2, "", f"{usage}\ngitstratum: error: {error}\n")
+
+
+def test_flags_may_follow_the_arguments(h: Harness) -> None:
+    """`repo create NAME --public` and `--public NAME` mean the same, as with git."""
+    h.run("repo", "create", "--public", "org/a")
+    h.run("repo", "create", "org/b", "--public")
+    assert h.run("repo", "list").out == "org/a\tpublic\norg/b\tpublic\n"
 
 
 def test_a_missing_token_is_a_usage_error(h: Harness) -> None:
@@ -322,9 +373,37 @@ def test_a_missing_token_is_a_usage_error(h: Harness) -> None:
 def test_help_lists_the_subcommands(h: Harness) -> None:
     """--help exits 0 and names every subcommand."""
     result = h.run("--help")
-    assert result.code == 0
+    assert result.code == 0 and result.err == ""
     for word in ("repo", "user", "token", "key", "grant", "revoke", "cluster", "GITSTRATUM_TOKEN"):
         assert word in result.out
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["repo", "--help"], ["repo ACTION", "create", "list", "delete"]),
+        (["repo", "create", "--help"], ["repo create OWNER/NAME [--public]", "--public"]),
+        (["user", "create", "--help"], ["user create NAME [--admin]", "--admin"]),
+        (["key", "add", "--help"], ["key add USER PUBKEY_FILE", "- for standard input"]),
+        (["cluster", "status", "--help"], ["cluster status"]),
+    ],
+)
+def test_every_command_has_help(h: Harness, argv: list[str], words: list[str]) -> None:
+    """--help after any command prints that command's usage to stdout and exits 0, sending nothing."""
+    recorder = Recorder(h.stub)
+    result = h.run(*argv, client=recorder)
+    assert result.code == 0 and result.err == ""
+    assert result.out.startswith("Usage: gitstratum [--url URL] [--token TOKEN] ")
+    for word in words:
+        assert word in result.out
+    assert recorder.calls == []
+
+
+def test_version_names_gitstratum(h: Harness) -> None:
+    """--version prints gitstratum's version (not Twisted's) and exits 0."""
+    from gitstratum import __version__
+
+    assert h.run("--version") == Result(0, f"gitstratum {__version__}\n", "")
 
 
 # -- main() ------------------------------------------------------------------------------
