@@ -1,4 +1,7 @@
-"""The gitstratum CLI, driven against the real admin API through StubTreq (no sockets)."""
+"""The gitstratum CLI, driven against the real admin API through StubTreq (no sockets).
+
+At the end, the project's other command lines, which share its parser style.
+"""
 
 from __future__ import annotations
 
@@ -18,8 +21,10 @@ from gitstratum import cli
 from gitstratum.frontend.admin_api import AdminAPI
 from gitstratum.frontend.auth import Authorizer, bootstrap_admin
 from gitstratum.frontend.threads import inline_runner
+from gitstratum.raft import simulate
 from gitstratum.storage.interfaces import Permission
 from gitstratum.storage.lmdb_metadata import LMDBMetadataStore
+from gitstratum.testing import raft_process
 
 PUBKEY = (
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIP27OLKXI8YWr55tS4WHELjD30rOP1qw7euSBDRcGpcS alice@laptop"
@@ -445,3 +450,52 @@ def test_main_usage_error_never_starts_the_reactor(capsys: pytest.CaptureFixture
     assert cli.main(["repo", "create", "bad"], react=no_react) == 2
     err = capsys.readouterr().err
     assert "gitstratum: error: argument OWNER/NAME: expected OWNER/NAME, not 'bad'\n" in err
+
+
+# -- the project's other command lines (one parser style: twisted.python.usage) ------------
+
+
+@pytest.mark.parametrize("module", [simulate, raft_process])
+def test_other_command_lines_have_help(module: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """The simulator's and the Raft process's --help print their usage and return 0 (no reactor)."""
+    assert module.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"Usage: {module.PROG} ")
+    assert "--seed=" in out
+
+
+@pytest.mark.parametrize(
+    ("module", "argv", "error"),
+    [
+        (simulate, ["--nodes", "4"], "--nodes must be 3 or 5, not 4"),
+        (simulate, ["--broken", "nope"], "--broken must be one of stale_reads, unsynced"),
+        (simulate, ["extra"], "unexpected argument 'extra'"),
+        (raft_process, ["--id", "1"], "missing --data-dir, --listen, --peers"),
+        (
+            raft_process,
+            ["--id", "1", "--data-dir", "d", "--listen", "tcp:0", "--peers", "1=tcp:x,zz"],
+            "--peers: bad peer 'zz': expected ID=ENDPOINT",
+        ),
+    ],
+)
+def test_other_command_lines_report_usage_errors(
+    module: Any, argv: list[str], error: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad command line gives the synopsis and one error line on stderr, and exit status 2."""
+    assert module.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith(f"Usage: {module.PROG} ")
+    assert captured.err.endswith(f"{module.PROG}: error: {error}\n")
+
+
+def test_raft_process_options_parse_to_typed_values() -> None:
+    """The Raft process's options arrive typed: ints, floats and the peers as a mapping."""
+    options = raft_process.Options()
+    options.parseOptions(
+        ["--id", "2", "--data-dir", "d2", "--listen", "tcp:7002", "--tick-interval", "0.01"]
+        + ["--peers", "1=tcp:host=h:port=1,2=tcp:host=h:port=2", "--seed", "7"]
+    )
+    assert options["id"] == 2 and options["seed"] == 7 and options["tick-interval"] == 0.01
+    assert options["peers"] == {1: "tcp:host=h:port=1", 2: "tcp:host=h:port=2"}
+    assert options["snapshot-every"] == 10_000 and options["client"] is None
