@@ -108,13 +108,20 @@ def test_git_clones_over_https_and_the_clone_passes_fsck(
 def test_git_refuses_a_server_it_cannot_verify(
     tls_server: TLSServer, trust_test_ca: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Without the test CA, git refuses the server's certificate: the TLS really is checked."""
+    """Trusting another CA, git and the CLI refuse the server's certificate: TLS is really checked,
+    and the CLI says so in one line."""
     token = tls_server.user_with_token("ci")
     other = write_tls_files(tmp_path / "other-ca")
     monkeypatch.setenv("GIT_SSL_CAINFO", str(other.ca_cert))
+    monkeypatch.setenv("SSL_CERT_FILE", str(other.ca_cert))
     proc = git("ls-remote", tls_server.url("acme/none", token), check=False)
     assert proc.returncode != 0
     assert b"certificate" in proc.stderr.lower() or b"ssl" in proc.stderr.lower()
+    cli = tls_server.cli("repo", "list", check=False)
+    assert cli.returncode == 1
+    err = cli.stderr.decode()
+    assert err.startswith(f"gitstratum: error: cannot reach {tls_server.base}: ")
+    assert "Traceback" not in err and err.count("\n") == 1
 
 
 def test_plain_http_to_the_tls_port_is_refused_cleanly(
