@@ -9,7 +9,6 @@ an in-memory ``AdminAPI`` and no sockets.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
@@ -28,6 +27,7 @@ from twisted.web.error import SchemeNotSupported
 from twisted.web.iweb import IResponse
 
 from gitstratum import __version__
+from gitstratum.core import cmdline
 
 __all__ = ["main", "execute", "Options", "HTTPClient", "CLIError", "DEFAULT_URL"]
 
@@ -193,7 +193,11 @@ class _Options(usage.Options):
             words.insert(0, options.parent.subCommand or "")
             options = options.parent
         global_options = "[--url URL] [--token TOKEN]"
-        return " ".join(["Usage:", PROG, global_options, *words, self.synopsis]).rstrip()
+        return " ".join(["Usage:", PROG, global_options, *words, self.grammar()]).rstrip()
+
+    def grammar(self) -> str:
+        """The words after the command's name in its synopsis."""
+        return self.synopsis
 
     def parseOptions(self, options: Sequence[str] | None = None) -> None:
         try:
@@ -216,7 +220,7 @@ class _Options(usage.Options):
 class _Command(_Options):
     """A leaf command: positional ``arguments`` checked by name; flags before or after them."""
 
-    #: (key, METAVAR) of each positional argument, in order
+    #: (key, METAVAR) of each positional argument, in order; "repo" and "permission" are checked
     arguments: ClassVar[tuple[tuple[str, str], ...]] = ()
 
     @staticmethod
@@ -234,22 +238,26 @@ class _Command(_Options):
         positional = [a for a in head if not (a.startswith("-") and a != "-")]
         super().parseOptions([*flags, "--", *positional, *tail])
 
+    def grammar(self) -> str:
+        flags = [f"[--{flag[0]}]" for flag in getattr(self, "optFlags", [])]
+        return " ".join([metavar for _, metavar in self.arguments] + flags)
+
     def parseArgs(self, *args: str) -> None:
         if len(args) < len(self.arguments):
             missing = " ".join(metavar for _, metavar in self.arguments[len(args) :])
             raise usage.UsageError(f"missing {missing}")
         if len(args) > len(self.arguments):
             raise usage.UsageError(f"unexpected argument {args[len(self.arguments)]!r}")
-        for (key, metavar), value in zip(self.arguments, args, strict=True):
-            if metavar == "OWNER/NAME":
+        for (key, _), value in zip(self.arguments, args, strict=True):
+            if key == "repo":
                 owner, sep, name = value.partition("/")
                 if not sep or not owner or not name or "/" in name:
                     raise usage.UsageError(
-                        f"argument {metavar}: expected OWNER/NAME, not {value!r}"
+                        f"argument OWNER/NAME: expected OWNER/NAME, not {value!r}"
                     )
-            if metavar == "PERMISSION" and value not in PERMISSIONS:
+            if key == "permission" and value not in PERMISSIONS:
                 raise usage.UsageError(
-                    f"argument {metavar}: expected read, write or admin, not {value!r}"
+                    f"argument PERMISSION: expected read, write or admin, not {value!r}"
                 )
             self[key] = value
 
@@ -266,7 +274,6 @@ class _Group(_Options):
 
 
 class _RepoCreate(_Command):
-    synopsis = "OWNER/NAME [--public]"
     arguments = (("repo", "OWNER/NAME"),)
     optFlags = [["public", None, "Let anyone read it."]]
     run = staticmethod(_repo_create)
@@ -277,7 +284,6 @@ class _RepoList(_Command):
 
 
 class _RepoDelete(_Command):
-    synopsis = "OWNER/NAME"
     arguments = (("repo", "OWNER/NAME"),)
     run = staticmethod(_repo_delete)
 
@@ -292,7 +298,6 @@ class _Repo(_Group):
 
 
 class _UserCreate(_Command):
-    synopsis = "NAME [--admin]"
     arguments = (("name", "NAME"),)
     optFlags = [["admin", None, "Make the user a site admin."]]
     run = staticmethod(_user_create)
@@ -304,7 +309,6 @@ class _User(_Group):
 
 
 class _TokenCreate(_Command):
-    synopsis = "USER"
     arguments = (("user", "USER"),)
     run = staticmethod(_token_create)
 
@@ -315,20 +319,17 @@ class _Token(_Group):
 
 
 class _KeyAdd(_Command):
-    synopsis = "USER PUBKEY_FILE"
     longdesc = "PUBKEY_FILE is an OpenSSH .pub file, or - for standard input."
     arguments = (("user", "USER"), ("pubkey_file", "PUBKEY_FILE"))
     run = staticmethod(_key_add)
 
 
 class _KeyList(_Command):
-    synopsis = "USER"
     arguments = (("user", "USER"),)
     run = staticmethod(_key_list)
 
 
 class _KeyRemove(_Command):
-    synopsis = "USER FINGERPRINT"
     longdesc = "FINGERPRINT is as 'key list' shows it."
     arguments = (("user", "USER"), ("fingerprint", "FINGERPRINT"))
     run = staticmethod(_key_remove)
@@ -344,13 +345,11 @@ class _Key(_Group):
 
 
 class _Grant(_Command):
-    synopsis = "USER OWNER/NAME read|write|admin"
-    arguments = (("user", "USER"), ("repo", "OWNER/NAME"), ("permission", "PERMISSION"))
+    arguments = (("user", "USER"), ("repo", "OWNER/NAME"), ("permission", "read|write|admin"))
     run = staticmethod(_grant)
 
 
 class _Revoke(_Command):
-    synopsis = "USER OWNER/NAME"
     arguments = (("user", "USER"), ("repo", "OWNER/NAME"))
     run = staticmethod(_revoke)
 
@@ -392,14 +391,7 @@ class Options(_Options):
 
     def command(self) -> _Command:
         """The leaf that was parsed (``repo create``'s options, say)."""
-        return cast(_Command, _deepest(self))
-
-
-def _deepest(options: usage.Options) -> usage.Options:
-    """The innermost options parsed so far: the command a usage error is about."""
-    while getattr(options, "subOptions", None) is not None:
-        options = options.subOptions
-    return options
+        return cast(_Command, cmdline.deepest(self))
 
 
 # -- running ------------------------------------------------------------------------------
@@ -439,19 +431,14 @@ def _parse(
 ) -> _Parsed | int:
     """The parsed command with url and token resolved, or the exit status of --help or a usage error."""
     options = Options()
-    # usage.Options prints --help and --version to sys.stdout and exits; point it at ours.
-    with contextlib.redirect_stdout(stdout):
-        try:
-            options.parseOptions(sys.argv[1:] if argv is None else list(argv))
-            token = options["token"] or env.get("GITSTRATUM_TOKEN")
-            if not token:
-                raise usage.UsageError("no API token: pass --token or set GITSTRATUM_TOKEN")
-        except usage.UsageError as e:
-            stderr.write(_deepest(options).getSynopsis() + "\n")
-            _fail(stderr, str(e))
-            return 2
-        except SystemExit as e:
-            return e.code if isinstance(e.code, int) else 0
+    status = cmdline.parse(options, argv, PROG, stdout=stdout, stderr=stderr)
+    if status is not None:
+        return status
+    token = options["token"] or env.get("GITSTRATUM_TOKEN")
+    if not token:
+        error = "no API token: pass --token or set GITSTRATUM_TOKEN"
+        cmdline.report_usage_error(options, PROG, error, stderr)
+        return 2
     url = options["url"] or env.get("GITSTRATUM_URL") or DEFAULT_URL
     return _Parsed(options.command(), url, token)
 

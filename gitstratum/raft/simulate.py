@@ -33,6 +33,7 @@ import attrs
 from twisted.python import usage
 from zope.interface import implementer
 
+from gitstratum.core import cmdline
 from gitstratum.raft.core import Config, RaftCore
 from gitstratum.raft.interfaces import IRaftLog
 from gitstratum.raft.kv import Cas, Command, Get, KVStore, Put, Result, encode_command
@@ -1045,13 +1046,9 @@ class Options(usage.Options):
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the seeds the command line names; 0 when all hold, 1 on a violation, 2 on a usage error."""
     args = Options()
-    try:
-        args.parseOptions(sys.argv[1:] if argv is None else list(argv))
-    except usage.UsageError as e:
-        print(f"{args.getSynopsis()}\n{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except SystemExit as e:  # --help, --version
-        return e.code if isinstance(e.code, int) else 0
+    status = cmdline.parse(args, argv, PROG)
+    if status is not None:
+        return status
     started = time.perf_counter()
     results = []
     failed = None

@@ -38,6 +38,7 @@ from twisted.protocols import amp
 from twisted.python import usage
 from twisted.python.failure import Failure
 
+from gitstratum.core import cmdline
 from gitstratum.raft import kv
 from gitstratum.raft.node import LeadershipLost, NodeHalted, ProposalLost, RaftNode
 from gitstratum.raft.types import NodeId, NotLeader, ProposalDropped
@@ -264,14 +265,8 @@ class Options(usage.Options):
 def _arguments(argv: Sequence[str] | None) -> Options | int:
     """The parsed command line, or the exit status of --help (0) or a usage error (2)."""
     options = Options()
-    try:
-        options.parseOptions(sys.argv[1:] if argv is None else list(argv))
-    except usage.UsageError as e:
-        print(f"{options.getSynopsis()}\n{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except SystemExit as e:  # --help, --version
-        return e.code if isinstance(e.code, int) else 0
-    return options
+    status = cmdline.parse(options, argv, PROG)
+    return options if status is None else status
 
 
 def main(argv: Sequence[str] | None = None) -> int:
