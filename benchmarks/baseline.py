@@ -34,7 +34,7 @@ from typing import Any
 from harness import ENV, free_port, sh
 from twisted.python import usage
 
-from gitstratum.testing.repogen import InterspersedOptions
+from gitstratum.cmdline import InterspersedOptions
 
 SETUP_HINT = "the git baseline needs nginx and fcgiwrap: apt-get install -y nginx fcgiwrap"
 

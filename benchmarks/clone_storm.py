@@ -45,7 +45,7 @@ from twisted.python import usage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gitstratum.testing.repogen import InterspersedOptions  # noqa: E402
+from gitstratum.cmdline import InterspersedOptions  # noqa: E402
 
 __all__ = ["storm", "server_cpu_seconds", "server_tree", "percentile", "Options", "main"]
 

@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from clone_storm import fetch_body, pkt, storm  # noqa: E402
 
+from gitstratum.cmdline import InterspersedOptions  # noqa: E402
 from gitstratum.testing import repogen  # noqa: E402
 
 __all__ = [
@@ -82,7 +83,7 @@ SENDFILE = "sendfile limit (nginx static file, same size)"
 CACHE_OFF = ("--pack-cache-bytes", "0", "--prewarm-refs", "none")
 
 
-class BenchOptions(repogen.InterspersedOptions):
+class BenchOptions(InterspersedOptions):
     """Options every benchmark takes: where to write the JSON report."""
 
     optParameters: list[list[Any]] = [["out", None, None, "Also write the JSON report here."]]

@@ -1,6 +1,7 @@
 """The ``gitstratum`` admin command: a thin client of the JSON API under ``/api/v1/``.
 
-``main`` parses the command line and runs one request under
+``main`` parses the command line with ``twisted.python.usage`` (the parser of
+the twistd plugins, so the project has one style) and runs one request under
 ``twisted.internet.task.react``.  ``execute`` is the part after parsing: it
 takes any treq-style HTTP client, so tests drive it with ``StubTreq`` against
 an in-memory ``AdminAPI`` and no sockets.
@@ -8,13 +9,11 @@ an in-memory ``AdminAPI`` and no sockets.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import json
 import os
 import sys
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import IO, Any, NoReturn, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import IO, Any, ClassVar, NoReturn, Protocol, cast
 from urllib.parse import quote
 
 import attrs
@@ -22,11 +21,14 @@ from treq.client import HTTPClient as TreqClient
 from twisted.internet import task
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.error import ConnectError, DNSLookupError
+from twisted.python import usage
 from twisted.web.client import Agent, ResponseFailed
 from twisted.web.error import SchemeNotSupported
 from twisted.web.iweb import IResponse
 
-__all__ = ["main", "execute", "build_parser", "HTTPClient", "CLIError", "DEFAULT_URL"]
+from gitstratum import __version__, cmdline
+
+__all__ = ["main", "execute", "Options", "HTTPClient", "CLIError", "DEFAULT_URL"]
 
 DEFAULT_URL = "http://localhost:8080"
 PROG = "gitstratum"
@@ -42,91 +44,6 @@ class HTTPClient(Protocol):
 
 class CLIError(Exception):
     """A failure to report as ``gitstratum: error: <message>`` with exit status 1."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose subcommands also say "gitstratum: error: ..."."""
-
-    def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(2, f"{PROG}: error: {message}\n")
-
-
-def _repo_name(text: str) -> str:
-    owner, sep, name = text.partition("/")
-    if not sep or not owner or not name or "/" in name:
-        raise argparse.ArgumentTypeError(f"expected OWNER/NAME, not {text!r}")
-    return text
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The command-line grammar (exposed so the README can be checked against it)."""
-    parser = _Parser(
-        prog=PROG,
-        description="Administer a GitStratum server through its JSON API.",
-        epilog="GITSTRATUM_URL and GITSTRATUM_TOKEN stand in for --url and --token.",
-    )
-    parser.add_argument("--url", help=f"the server's base URL (default {DEFAULT_URL})")
-    parser.add_argument("--token", help="an API token (a site admin's for most commands)")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    repo = commands.add_parser("repo", help="create, list and delete repositories")
-    repo_cmds = repo.add_subparsers(dest="action", metavar="ACTION", required=True)
-    create = repo_cmds.add_parser("create", help="create a repository")
-    create.add_argument("repo", metavar="OWNER/NAME", type=_repo_name)
-    create.add_argument("--public", action="store_true", help="let anyone read it")
-    create.set_defaults(run=_repo_create)
-    repo_cmds.add_parser("list", help="list every repository").set_defaults(run=_repo_list)
-    delete = repo_cmds.add_parser("delete", help="delete a repository and all its data")
-    delete.add_argument("repo", metavar="OWNER/NAME", type=_repo_name)
-    delete.set_defaults(run=_repo_delete)
-
-    user = commands.add_parser("user", help="create users")
-    user_cmds = user.add_subparsers(dest="action", metavar="ACTION", required=True)
-    create = user_cmds.add_parser("create", help="create a user")
-    create.add_argument("name", metavar="NAME")
-    create.add_argument("--admin", action="store_true", help="make the user a site admin")
-    create.set_defaults(run=_user_create)
-
-    token = commands.add_parser("token", help="mint API tokens")
-    token_cmds = token.add_subparsers(dest="action", metavar="ACTION", required=True)
-    create = token_cmds.add_parser("create", help="mint a token for USER and print it")
-    create.add_argument("user", metavar="USER")
-    create.set_defaults(run=_token_create)
-
-    key = commands.add_parser("key", help="manage SSH public keys")
-    key_cmds = key.add_subparsers(dest="action", metavar="ACTION", required=True)
-    add = key_cmds.add_parser("add", help="register a public key for USER")
-    add.add_argument("user", metavar="USER")
-    add.add_argument(
-        "pubkey_file", metavar="PUBKEY_FILE", help="an OpenSSH .pub file, or - for stdin"
-    )
-    add.set_defaults(run=_key_add)
-    listing = key_cmds.add_parser("list", help="list USER's keys")
-    listing.add_argument("user", metavar="USER")
-    listing.set_defaults(run=_key_list)
-    remove = key_cmds.add_parser("remove", help="remove one of USER's keys")
-    remove.add_argument("user", metavar="USER")
-    remove.add_argument("fingerprint", metavar="FINGERPRINT", help="as shown by 'key list'")
-    remove.set_defaults(run=_key_remove)
-
-    grant = commands.add_parser("grant", help="give USER a permission on a repository")
-    grant.add_argument("user", metavar="USER")
-    grant.add_argument("repo", metavar="OWNER/NAME", type=_repo_name)
-    grant.add_argument("permission", choices=["read", "write", "admin"])
-    grant.set_defaults(run=_grant)
-
-    revoke = commands.add_parser("revoke", help="take away USER's permission on a repository")
-    revoke.add_argument("user", metavar="USER")
-    revoke.add_argument("repo", metavar="OWNER/NAME", type=_repo_name)
-    revoke.set_defaults(run=_revoke)
-
-    cluster = commands.add_parser("cluster", help="inspect the cluster")
-    cluster_cmds = cluster.add_subparsers(dest="action", metavar="ACTION", required=True)
-    cluster_cmds.add_parser("status", help="print the cluster status as JSON").set_defaults(
-        run=_cluster_status
-    )
-    return parser
 
 
 @attrs.frozen
@@ -186,71 +103,294 @@ def _repo_path(name: str) -> list[str]:
     return ["repos", owner, repo]
 
 
-async def _repo_create(s: _Session, o: argparse.Namespace) -> None:
-    repo = await s.call("POST", ["repos"], {"name": o.repo, "public": o.public})
+async def _repo_create(s: _Session, o: _Command) -> None:
+    repo = await s.call("POST", ["repos"], {"name": o["repo"], "public": bool(o["public"])})
     s.print(f"created {repo['name']} ({'public' if repo['public'] else 'private'})")
 
 
-async def _repo_list(s: _Session, o: argparse.Namespace) -> None:
+async def _repo_list(s: _Session, o: _Command) -> None:
     listing = await s.call("GET", ["repos"])
     for repo in listing["repos"]:
         s.print(f"{repo['name']}\t{'public' if repo['public'] else 'private'}")
 
 
-async def _repo_delete(s: _Session, o: argparse.Namespace) -> None:
-    await s.call("DELETE", _repo_path(o.repo))
-    s.print(f"deleted {o.repo}")
+async def _repo_delete(s: _Session, o: _Command) -> None:
+    await s.call("DELETE", _repo_path(o["repo"]))
+    s.print(f"deleted {o['repo']}")
 
 
-async def _user_create(s: _Session, o: argparse.Namespace) -> None:
-    user = await s.call("POST", ["users"], {"name": o.name, "admin": o.admin})
+async def _user_create(s: _Session, o: _Command) -> None:
+    user = await s.call("POST", ["users"], {"name": o["name"], "admin": bool(o["admin"])})
     s.print(f"created user {user['name']}" + (" (site admin)" if user["admin"] else ""))
 
 
-async def _token_create(s: _Session, o: argparse.Namespace) -> None:
-    reply = await s.call("POST", ["users", o.user, "tokens"])
+async def _token_create(s: _Session, o: _Command) -> None:
+    reply = await s.call("POST", ["users", o["user"], "tokens"])
     # Only the token, so that `TOKEN=$(gitstratum token create bob)` works.
     s.print(reply["token"])
 
 
-async def _key_add(s: _Session, o: argparse.Namespace) -> None:
+async def _key_add(s: _Session, o: _Command) -> None:
     try:
-        if o.pubkey_file == "-":
+        if o["pubkey_file"] == "-":
             text = s.stdin.read()
         else:
-            with open(o.pubkey_file, encoding="utf-8") as f:
+            with open(o["pubkey_file"], encoding="utf-8") as f:
                 text = f.read()
     except (OSError, UnicodeDecodeError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise CLIError(f"cannot read {o.pubkey_file}: {reason}") from None
-    key = await s.call("POST", ["users", o.user, "keys"], {"key": text})
+        raise CLIError(f"cannot read {o['pubkey_file']}: {reason}") from None
+    key = await s.call("POST", ["users", o["user"], "keys"], {"key": text})
     s.print(f"added {key['fingerprint']} ({key['type']}) for {key['user']}")
 
 
-async def _key_list(s: _Session, o: argparse.Namespace) -> None:
-    listing = await s.call("GET", ["users", o.user, "keys"])
+async def _key_list(s: _Session, o: _Command) -> None:
+    listing = await s.call("GET", ["users", o["user"], "keys"])
     for key in listing["keys"]:
         s.print(f"{key['fingerprint']} {key['type']} {key['comment']}".rstrip())
 
 
-async def _key_remove(s: _Session, o: argparse.Namespace) -> None:
-    await s.call("DELETE", ["users", o.user, "keys", o.fingerprint])
-    s.print(f"removed {o.fingerprint} from {o.user}")
+async def _key_remove(s: _Session, o: _Command) -> None:
+    await s.call("DELETE", ["users", o["user"], "keys", o["fingerprint"]])
+    s.print(f"removed {o['fingerprint']} from {o['user']}")
 
 
-async def _grant(s: _Session, o: argparse.Namespace) -> None:
-    await s.call("PUT", [*_repo_path(o.repo), "permissions", o.user], {"permission": o.permission})
-    s.print(f"granted {o.permission} on {o.repo} to {o.user}")
+async def _grant(s: _Session, o: _Command) -> None:
+    await s.call(
+        "PUT", [*_repo_path(o["repo"]), "permissions", o["user"]], {"permission": o["permission"]}
+    )
+    s.print(f"granted {o['permission']} on {o['repo']} to {o['user']}")
 
 
-async def _revoke(s: _Session, o: argparse.Namespace) -> None:
-    await s.call("DELETE", [*_repo_path(o.repo), "permissions", o.user])
-    s.print(f"revoked {o.user}'s access to {o.repo}")
+async def _revoke(s: _Session, o: _Command) -> None:
+    await s.call("DELETE", [*_repo_path(o["repo"]), "permissions", o["user"]])
+    s.print(f"revoked {o['user']}'s access to {o['repo']}")
 
 
-async def _cluster_status(s: _Session, o: argparse.Namespace) -> None:
+async def _cluster_status(s: _Session, o: _Command) -> None:
     status = await s.call("GET", ["cluster", "status"])
     s.print(json.dumps(status, indent=2, sort_keys=True))
+
+
+# -- the grammar ------------------------------------------------------------------------
+
+PERMISSIONS = ("read", "write", "admin")
+
+
+class _Options(usage.Options):
+    """What every level of the grammar shares."""
+
+    synopsis = ""  # the words after the command's name
+    longdesc = ""  # never Twisted's fallback, ``__main__.__doc__``
+    subCommands: ClassVar[list[list[Any]]]
+
+    def getSynopsis(self) -> str:
+        """``Usage: gitstratum [--url URL] [--token TOKEN] repo create OWNER/NAME [--public]``."""
+        words: list[str] = []
+        options: usage.Options = self
+        while options.parent is not None:
+            words.insert(0, options.parent.subCommand or "")
+            options = options.parent
+        global_options = "[--url URL] [--token TOKEN]"
+        return " ".join(["Usage:", PROG, global_options, *words, self.grammar()]).rstrip()
+
+    def grammar(self) -> str:
+        """The words after the command's name in its synopsis."""
+        return self.synopsis
+
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            # Twisted's "Unknown command: x" says neither which level nor what would do.
+            if getattr(self, "subOptions", None) is None and str(e).startswith("Unknown command"):
+                kind = "COMMAND" if self.parent is None else "ACTION"
+                given = str(e).partition(": ")[2]
+                names = ", ".join(name for name, _, _, _ in self.subCommands)
+                raise usage.UsageError(f"unknown {kind} {given!r} (choose from {names})") from None
+            raise
+
+    def opt_version(self) -> NoReturn:
+        """Print gitstratum's version and exit."""
+        print(f"{PROG} {__version__}")
+        sys.exit(0)
+
+
+class _Command(cmdline.InterspersedOptions, _Options):
+    """A leaf command: positional ``arguments`` checked by name; flags before or after them."""
+
+    #: (key, METAVAR) of each positional argument, in order; "repo" and "permission" are checked
+    arguments: ClassVar[tuple[tuple[str, str], ...]] = ()
+
+    @staticmethod
+    async def run(s: _Session, o: _Command) -> None:
+        """Send the command's requests through *s* and print the outcome."""
+        raise NotImplementedError
+
+    def grammar(self) -> str:
+        flags = [f"[--{flag[0]}]" for flag in getattr(self, "optFlags", [])]
+        return " ".join([metavar for _, metavar in self.arguments] + flags)
+
+    def parseArgs(self, *args: str) -> None:
+        if len(args) < len(self.arguments):
+            missing = " ".join(metavar for _, metavar in self.arguments[len(args) :])
+            raise usage.UsageError(f"missing {missing}")
+        if len(args) > len(self.arguments):
+            raise usage.UsageError(f"unexpected argument {args[len(self.arguments)]!r}")
+        for (key, _), value in zip(self.arguments, args, strict=True):
+            if key == "repo":
+                owner, sep, name = value.partition("/")
+                if not sep or not owner or not name or "/" in name:
+                    raise usage.UsageError(
+                        f"argument OWNER/NAME: expected OWNER/NAME, not {value!r}"
+                    )
+            if key == "permission" and value not in PERMISSIONS:
+                raise usage.UsageError(
+                    f"argument PERMISSION: expected read, write or admin, not {value!r}"
+                )
+            self[key] = value
+
+
+class _Group(_Options):
+    """A command that needs an action (``repo create``)."""
+
+    synopsis = "ACTION ..."
+
+    def postOptions(self) -> None:
+        if self.subCommand is None:
+            actions = ", ".join(name for name, _, _, _ in self.subCommands)
+            raise usage.UsageError(f"missing ACTION ({actions})")
+
+
+class _RepoCreate(_Command):
+    arguments = (("repo", "OWNER/NAME"),)
+    optFlags = [["public", None, "Let anyone read it."]]
+    run = staticmethod(_repo_create)
+
+
+class _RepoList(_Command):
+    run = staticmethod(_repo_list)
+
+
+class _RepoDelete(_Command):
+    arguments = (("repo", "OWNER/NAME"),)
+    run = staticmethod(_repo_delete)
+
+
+class _Repo(_Group):
+    longdesc = "Create, list and delete repositories."
+    subCommands = [
+        ["create", None, _RepoCreate, "Create a repository."],
+        ["list", None, _RepoList, "List every repository."],
+        ["delete", None, _RepoDelete, "Delete a repository and all its data."],
+    ]
+
+
+class _UserCreate(_Command):
+    arguments = (("name", "NAME"),)
+    optFlags = [["admin", None, "Make the user a site admin."]]
+    run = staticmethod(_user_create)
+
+
+class _User(_Group):
+    longdesc = "Create users."
+    subCommands = [["create", None, _UserCreate, "Create a user."]]
+
+
+class _TokenCreate(_Command):
+    arguments = (("user", "USER"),)
+    run = staticmethod(_token_create)
+
+
+class _Token(_Group):
+    longdesc = "Mint API tokens."
+    subCommands = [["create", None, _TokenCreate, "Mint a token for USER and print it."]]
+
+
+class _KeyAdd(_Command):
+    longdesc = "PUBKEY_FILE is an OpenSSH .pub file, or - for standard input."
+    arguments = (("user", "USER"), ("pubkey_file", "PUBKEY_FILE"))
+    run = staticmethod(_key_add)
+
+
+class _KeyList(_Command):
+    arguments = (("user", "USER"),)
+    run = staticmethod(_key_list)
+
+
+class _KeyRemove(_Command):
+    longdesc = "FINGERPRINT is as 'key list' shows it."
+    arguments = (("user", "USER"), ("fingerprint", "FINGERPRINT"))
+    run = staticmethod(_key_remove)
+
+
+class _Key(_Group):
+    longdesc = "Manage SSH public keys."
+    subCommands = [
+        ["add", None, _KeyAdd, "Register a public key for USER."],
+        ["list", None, _KeyList, "List USER's keys."],
+        ["remove", None, _KeyRemove, "Remove one of USER's keys."],
+    ]
+
+
+class _Grant(_Command):
+    arguments = (("user", "USER"), ("repo", "OWNER/NAME"), ("permission", "read|write|admin"))
+    run = staticmethod(_grant)
+
+
+class _Revoke(_Command):
+    arguments = (("user", "USER"), ("repo", "OWNER/NAME"))
+    run = staticmethod(_revoke)
+
+
+class _ClusterStatus(_Command):
+    run = staticmethod(_cluster_status)
+
+
+class _Cluster(_Group):
+    longdesc = "Inspect the cluster."
+    subCommands = [["status", None, _ClusterStatus, "Print the cluster status as JSON."]]
+
+
+class Options(_Options):
+    """The command line of ``gitstratum`` (exposed so the README can be checked against it)."""
+
+    synopsis = "COMMAND ..."
+    longdesc = (
+        "Administer a GitStratum server through its JSON API. "
+        "GITSTRATUM_URL and GITSTRATUM_TOKEN stand in for --url and --token."
+    )
+    optParameters = [
+        ["url", None, None, f"The server's base URL (default {DEFAULT_URL})."],
+        ["token", None, None, "An API token (a site admin's for most commands)."],
+    ]
+    subCommands = [
+        ["repo", None, _Repo, "Create, list and delete repositories."],
+        ["user", None, _User, "Create users."],
+        ["token", None, _Token, "Mint API tokens."],
+        ["key", None, _Key, "Manage SSH public keys."],
+        ["grant", None, _Grant, "Give USER a permission on a repository."],
+        ["revoke", None, _Revoke, "Take away USER's permission on a repository."],
+        ["cluster", None, _Cluster, "Inspect the cluster."],
+    ]
+
+    def postOptions(self) -> None:
+        if self.subCommand is None:
+            raise usage.UsageError(f"missing COMMAND ({', '.join(c[0] for c in self.subCommands)})")
+
+    def command(self) -> _Command:
+        """The leaf that was parsed (``repo create``'s options, say)."""
+        return cast(_Command, cmdline.deepest(self))
+
+
+# -- running ------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class _Parsed:
+    command: _Command
+    url: str
+    token: str
 
 
 def _fail(stderr: IO[str], message: str) -> None:
@@ -258,18 +398,17 @@ def _fail(stderr: IO[str], message: str) -> None:
 
 
 async def _execute(
-    options: argparse.Namespace,
+    parsed: _Parsed,
     client: HTTPClient,
     stdout: IO[str],
     stderr: IO[str],
     stdin: IO[str],
 ) -> int:
-    run: Callable[[_Session, argparse.Namespace], Awaitable[None]] = options.run
     session = _Session(
-        client=client, url=options.url, token=options.token, stdout=stdout, stdin=stdin
+        client=client, url=parsed.url, token=parsed.token, stdout=stdout, stdin=stdin
     )
     try:
-        await run(session, options)
+        await parsed.command.run(session, parsed.command)
     except CLIError as e:
         _fail(stderr, str(e))
         return 1
@@ -278,20 +417,19 @@ async def _execute(
 
 def _parse(
     argv: Sequence[str] | None, env: Mapping[str, str], stdout: IO[str], stderr: IO[str]
-) -> argparse.Namespace | int:
-    """Parsed options with url and token resolved, or the exit status of a usage error."""
-    parser = build_parser()
-    # argparse prints --help and usage errors to the sys streams; point them at ours.
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        try:
-            options = parser.parse_args(argv)
-            options.url = options.url or env.get("GITSTRATUM_URL") or DEFAULT_URL
-            options.token = options.token or env.get("GITSTRATUM_TOKEN")
-            if not options.token:
-                parser.error("no API token: pass --token or set GITSTRATUM_TOKEN")
-        except SystemExit as e:
-            return e.code if isinstance(e.code, int) else 2
-    return options
+) -> _Parsed | int:
+    """The parsed command with url and token resolved, or the exit status of --help or a usage error."""
+    options = Options()
+    status = cmdline.parse(options, argv, PROG, stdout=stdout, stderr=stderr)
+    if status is not None:
+        return status
+    token = options["token"] or env.get("GITSTRATUM_TOKEN")
+    if not token:
+        error = "no API token: pass --token or set GITSTRATUM_TOKEN"
+        cmdline.report_usage_error(options, PROG, error, stderr)
+        return 2
+    url = options["url"] or env.get("GITSTRATUM_URL") or DEFAULT_URL
+    return _Parsed(options.command(), url, token)
 
 
 def execute(

@@ -553,6 +553,12 @@ class GitHTTP:
             ex.outcome = "timeout"
         elif producer.stopped:
             ex.outcome = "disconnected"
+            # The transport stopped us as the connection went (often a client
+            # that had every byte and hung up before our last pull returned).
+            # The request is finished next, and must not still hold us, or
+            # twisted.web logs "Producer was not unregistered" as critical.
+            if getattr(request, "producer", None) is producer:
+                cast(IConsumer, request).unregisterProducer()
         self._finish(ex)
         return None
 

@@ -21,17 +21,19 @@ violation and the last events, and exits with status 1.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import random
 import sys
 import time
 import traceback
 from collections.abc import Iterator, Sequence
+from typing import Any, ClassVar
 
 import attrs
+from twisted.python import usage
 from zope.interface import implementer
 
+from gitstratum import cmdline
 from gitstratum.raft.core import Config, RaftCore
 from gitstratum.raft.interfaces import IRaftLog
 from gitstratum.raft.kv import Cas, Command, Get, KVStore, Put, Result, encode_command
@@ -54,7 +56,15 @@ from gitstratum.raft.types import (
     Snapshot,
 )
 
-__all__ = ["FAULT_KINDS", "BROKEN_MODES", "DEFAULT_STEPS", "SeedResult", "run_seed", "main"]
+__all__ = [
+    "FAULT_KINDS",
+    "BROKEN_MODES",
+    "DEFAULT_STEPS",
+    "SeedResult",
+    "run_seed",
+    "Options",
+    "main",
+]
 
 #: every kind of fault the simulator injects, as counted in ``SeedResult.faults``
 FAULT_KINDS = (
@@ -78,6 +88,7 @@ FAULT_KINDS = (
 BROKEN_MODES = ("stale_reads", "unsynced")
 
 DEFAULT_STEPS = 600
+PROG = "python -m gitstratum.raft.simulate"
 TRACE_LENGTH = 40
 
 ELECTION_TICK = 10
@@ -995,21 +1006,54 @@ def _summary(results: Sequence[SeedResult], elapsed: float) -> str:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m gitstratum.raft.simulate", description=__doc__.splitlines()[0]
+class Options(usage.Options):
+    """The simulator's command line."""
+
+    synopsis = f"Usage: {PROG} [options]"
+    longdesc = (
+        "Drive Raft groups through seeded faults and check every safety property and"
+        " linearizability. Prints one summary line; on a violation, the seed, the violation"
+        " and the last events, with exit status 1."
     )
-    parser.add_argument("--seed", type=int, default=0, help="first seed")
-    parser.add_argument("--seeds", type=int, default=1, help="how many consecutive seeds")
-    parser.add_argument("--nodes", type=int, choices=(3, 5), default=5)
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="ticks per seed")
-    parser.add_argument("--broken", choices=BROKEN_MODES, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    optParameters: ClassVar[list[list[Any]]] = [
+        ["seed", None, 0, "First seed.", int],
+        ["seeds", None, 1, "How many consecutive seeds.", int],
+        ["nodes", None, 5, "Nodes in the group: 3 or 5.", int],
+        ["steps", None, DEFAULT_STEPS, "Ticks per seed.", int],
+        [
+            "broken",
+            None,
+            None,
+            f"Tests only: run a deliberately broken variant ({', '.join(BROKEN_MODES)}).",
+        ],
+    ]
+
+    def parseArgs(self, *args: str) -> None:
+        if args:
+            raise usage.UsageError(f"unexpected argument {args[0]!r}")
+
+    def postOptions(self) -> None:
+        if self["nodes"] not in (3, 5):
+            raise usage.UsageError(f"--nodes must be 3 or 5, not {self['nodes']}")
+        if self["seeds"] < 1:
+            raise usage.UsageError("--seeds must be at least 1")
+        if self["steps"] < 1:
+            raise usage.UsageError("--steps must be at least 1")
+        if self["broken"] is not None and self["broken"] not in BROKEN_MODES:
+            raise usage.UsageError(f"--broken must be one of {', '.join(BROKEN_MODES)}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the seeds the command line names; 0 when all hold, 1 on a violation, 2 on a usage error."""
+    args = Options()
+    status = cmdline.parse(args, argv, PROG)
+    if status is not None:
+        return status
     started = time.perf_counter()
     results = []
     failed = None
-    for seed in range(args.seed, args.seed + args.seeds):
-        result = run_seed(seed, args.nodes, args.steps, broken=args.broken)
+    for seed in range(args["seed"], args["seed"] + args["seeds"]):
+        result = run_seed(seed, args["nodes"], args["steps"], broken=args["broken"])
         results.append(result)
         if not result.ok and failed is None:
             failed = result

@@ -19,7 +19,6 @@ subprocesses; the end-to-end tests and ``benchmarks/bench_raft.py`` use them.
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import signal
@@ -29,15 +28,17 @@ import sys
 import time
 from collections.abc import Generator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 from twisted.internet import defer
 from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.protocol import Factory
 from twisted.protocols import amp
+from twisted.python import usage
 from twisted.python.failure import Failure
 
+from gitstratum import cmdline
 from gitstratum.raft import kv
 from gitstratum.raft.node import LeadershipLost, NodeHalted, ProposalLost, RaftNode
 from gitstratum.raft.types import NodeId, NotLeader, ProposalDropped
@@ -53,6 +54,7 @@ __all__ = [
     "Refused",
     "ClientAPI",
     "parse_peers",
+    "Options",
     "main",
     "BlockingClient",
     "RaftCluster",
@@ -208,36 +210,70 @@ class ClientAPI(amp.AMP):
 
 
 def parse_peers(text: str) -> dict[NodeId, str]:
-    """``1=tcp:host=h:port=p,2=...`` as ``{1: "tcp:host=h:port=p", ...}``."""
+    """``1=tcp:host=h:port=p,2=...`` as ``{1: "tcp:host=h:port=p", ...}``; ValueError if malformed."""
     peers: dict[NodeId, str] = {}
     for item in filter(None, text.split(",")):
         node, sep, endpoint = item.partition("=")
         if not sep or not node.strip().isdigit() or not endpoint:
-            raise argparse.ArgumentTypeError(f"bad peer {item!r}: expected ID=ENDPOINT")
+            raise ValueError(f"bad peer {item!r}: expected ID=ENDPOINT")
         peers[int(node)] = endpoint
     return peers
 
 
-def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        prog="python -m gitstratum.testing.raft_process",
-        description="Run one Raft member with the KV state machine.",
+PROG = "python -m gitstratum.testing.raft_process"
+
+
+def _peers(text: str) -> dict[NodeId, str]:
+    try:
+        return parse_peers(text)
+    except ValueError as e:
+        raise usage.UsageError(f"--peers: {e}") from None
+
+
+class Options(usage.Options):
+    """The command line of one Raft member."""
+
+    synopsis = (
+        f"Usage: {PROG} --id N --data-dir DIR --listen ENDPOINT --peers ID=ENDPOINT,... [options]"
     )
-    ap.add_argument("--id", type=int, required=True)
-    ap.add_argument("--data-dir", required=True)
-    ap.add_argument("--listen", required=True, help="server endpoint for Raft traffic")
-    ap.add_argument("--peers", type=parse_peers, required=True, help="ID=ENDPOINT,...")
-    ap.add_argument("--client", help="server endpoint for the client API")
-    ap.add_argument("--tick-interval", type=float, default=None)
-    ap.add_argument("--election-tick", type=int, default=None)
-    ap.add_argument("--heartbeat-tick", type=int, default=None)
-    ap.add_argument("--snapshot-every", type=int, default=10_000)
-    ap.add_argument("--seed", type=int, default=None, help="seed of the election-timeout RNG")
-    return ap.parse_args(argv)
+    longdesc = "Run one Raft member with the KV state machine until SIGTERM or SIGINT."
+    optParameters: ClassVar[list[list[Any]]] = [
+        ["id", None, None, "This member's node id (required).", int],
+        ["data-dir", None, None, "Directory for the Raft log (required)."],
+        ["listen", None, None, "Server endpoint for Raft traffic (required)."],
+        ["peers", None, None, "Every member as ID=ENDPOINT,... (required).", _peers],
+        ["client", None, None, "Server endpoint for the client API."],
+        ["tick-interval", None, None, "Seconds per Raft tick.", float],
+        ["election-tick", None, None, "Ticks before a follower stands for election.", int],
+        ["heartbeat-tick", None, None, "Ticks between a leader's heartbeats.", int],
+        ["snapshot-every", None, 10_000, "Applied entries between snapshots.", int],
+        ["seed", None, None, "Seed of the election-timeout RNG.", int],
+    ]
+
+    def parseArgs(self, *args: str) -> None:
+        if args:
+            raise usage.UsageError(f"unexpected argument {args[0]!r}")
+
+    def postOptions(self) -> None:
+        missing = [
+            f"--{name}" for name in ("id", "data-dir", "listen", "peers") if self[name] is None
+        ]
+        if missing:
+            raise usage.UsageError(f"missing {', '.join(missing)}")
+
+
+def _arguments(argv: Sequence[str] | None) -> Options | int:
+    """The parsed command line, or the exit status of --help (0) or a usage error (2)."""
+    options = Options()
+    status = cmdline.parse(options, argv, PROG)
+    return options if status is None else status
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one member until SIGTERM/SIGINT (or SIGKILL, which is the point)."""
+    args = _arguments(argv)
+    if isinstance(args, int):
+        return args
     from twisted.internet import reactor
     from twisted.internet.endpoints import serverFromString
     from twisted.logger import (
@@ -253,7 +289,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from gitstratum.raft.log import LMDBRaftLog
     from gitstratum.raft.transport import AMPTransport
 
-    args = _arguments(argv)
     # Raft's own lines at info; Twisted's per-connection chatter (every
     # client call, every redial of a dead peer) only from warn up.
     levels = LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)
@@ -262,20 +297,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     observer = FilteringLogObserver(textFileLogObserver(sys.stdout), [levels])
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     logger = Logger(namespace="gitstratum.testing.raft_process")
-    data_dir = Path(args.data_dir)
+    data_dir = Path(args["data-dir"])
     data_dir.mkdir(parents=True, exist_ok=True)
-    voters = frozenset(args.peers) | {args.id}
-    config = Config(id=args.id, voters=voters)
-    if args.election_tick is not None:
-        config = attrs.evolve(config, election_tick=args.election_tick)
-    if args.heartbeat_tick is not None:
-        config = attrs.evolve(config, heartbeat_tick=args.heartbeat_tick)
+    voters = frozenset(args["peers"]) | {args["id"]}
+    config = Config(id=args["id"], voters=voters)
+    if args["election-tick"] is not None:
+        config = attrs.evolve(config, election_tick=args["election-tick"])
+    if args["heartbeat-tick"] is not None:
+        config = attrs.evolve(config, heartbeat_tick=args["heartbeat-tick"])
     raft_log = LMDBRaftLog(str(data_dir / "raft"))
-    peers = {node: endpoint for node, endpoint in args.peers.items() if node != args.id}
-    transport = AMPTransport(args.id, peers, reactor)
+    peers = {node: endpoint for node, endpoint in args["peers"].items() if node != args["id"]}
+    transport = AMPTransport(args["id"], peers, reactor)
     extra: dict[str, Any] = {}
-    if args.tick_interval is not None:
-        extra["tick_interval"] = args.tick_interval
+    if args["tick-interval"] is not None:
+        extra["tick_interval"] = args["tick-interval"]
 
     exit_status = [0]
 
@@ -290,25 +325,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         kv.KVStore(),
         transport,
         reactor,  # type: ignore[arg-type]
-        random.Random(args.seed),
-        snapshot_every=args.snapshot_every,
+        random.Random(args["seed"]),
+        snapshot_every=args["snapshot-every"],
         on_halt=halted,
         **extra,
     )
 
     @defer.inlineCallbacks
     def start() -> Generator[defer.Deferred[Any], Any, None]:
-        yield transport.listen(serverFromString(reactor, args.listen))
-        if args.client:
+        yield transport.listen(serverFromString(reactor, args["listen"]))
+        if args["client"]:
             factory = Factory.forProtocol(lambda: ClientAPI(node))
-            yield serverFromString(reactor, args.client).listen(factory)
+            yield serverFromString(reactor, args["client"]).listen(factory)
         transport.start()
         node.startService()
         logger.info(
             "Raft process {id} ready: raft on {listen}, clients on {client}, pid {pid}",
-            id=args.id,
-            listen=args.listen,
-            client=args.client,
+            id=args["id"],
+            listen=args["listen"],
+            client=args["client"],
             pid=os.getpid(),
         )
 

@@ -27,7 +27,6 @@ and seed give the same object ids on any machine and git version.
 
 from __future__ import annotations
 
-import getopt
 import math
 import os
 import random
@@ -41,9 +40,10 @@ from typing import IO, Any
 import attrs
 from twisted.python import usage
 
+from gitstratum.cmdline import InterspersedOptions
 from gitstratum.testing.fixtures import GIT_ENV, GitCommandError, git
 
-__all__ = ["make_repo", "Options", "InterspersedOptions", "main"]
+__all__ = ["make_repo", "Options", "main"]
 
 _VOCABULARY = (
     "reactor deferred callback errback protocol factory transport endpoint service "
@@ -402,31 +402,6 @@ def make_repo(
     )
     git("pack-refs", "--all", cwd=str(out))
     return out
-
-
-class InterspersedOptions(usage.Options):
-    """``usage.Options`` that also reads options given after the positional arguments.
-
-    Twisted parses with ``getopt.getopt``, which stops at the first argument
-    that is not an option; ``tool OUT --files 9`` is how people type.  This
-    sorts the options first (GNU getopt's rule), then parses as usual.
-    """
-
-    def parseOptions(self, options: Sequence[str] | None = None) -> None:
-        argv = list(sys.argv[1:] if options is None else options)
-        try:
-            opts, args = getopt.gnu_getopt(argv, self.shortOpt, self.longOpt)
-        except getopt.error as e:
-            raise usage.UsageError(str(e)) from None
-        flat: list[str] = []
-        for opt, value in opts:
-            takes = (
-                f"{opt[2:]}=" in self.longOpt
-                if opt.startswith("--")
-                else f"{opt[1]}:" in self.shortOpt
-            )
-            flat += [opt, value] if takes else [opt]
-        super().parseOptions([*flat, "--", *args])
 
 
 class Options(InterspersedOptions):

@@ -1,4 +1,7 @@
-"""The gitstratum CLI, driven against the real admin API through StubTreq (no sockets)."""
+"""The gitstratum CLI, driven against the real admin API through StubTreq (no sockets).
+
+At the end, the project's other command lines, which share its parser style.
+"""
 
 from __future__ import annotations
 
@@ -18,8 +21,10 @@ from gitstratum import cli
 from gitstratum.frontend.admin_api import AdminAPI
 from gitstratum.frontend.auth import Authorizer, bootstrap_admin
 from gitstratum.frontend.threads import inline_runner
+from gitstratum.raft import simulate
 from gitstratum.storage.interfaces import Permission
 from gitstratum.storage.lmdb_metadata import LMDBMetadataStore
+from gitstratum.testing import raft_process
 
 PUBKEY = (
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIP27OLKXI8YWr55tS4WHELjD30rOP1qw7euSBDRcGpcS alice@laptop"
@@ -300,6 +305,11 @@ def test_path_segments_are_escaped(h: Harness) -> None:
         ["grant", "bob", "org/r", "owner"],
         ["revoke", "bob"],
         ["key", "add", "bob"],
+        ["repo", "frob"],
+        ["repo", "create", "a/b", "extra"],
+        ["repo", "list", "--bogus"],
+        ["--bogus", "repo", "list"],
+        ["cluster"],
     ],
 )
 def test_usage_errors_exit_2(h: Harness, argv: list[str]) -> None:
@@ -307,9 +317,55 @@ def test_usage_errors_exit_2(h: Harness, argv: list[str]) -> None:
     recorder = Recorder(h.stub)
     result = h.run(*argv, client=recorder)
     assert result.code == 2
-    assert result.err.startswith("usage: gitstratum")
+    assert result.err.startswith("Usage: gitstratum")
     assert "gitstratum: error: " in result.err
     assert recorder.calls == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "usage", "error"),
+    [
+        (
+            ["frobnicate"],
+            "Usage: gitstratum [--url URL] [--token TOKEN] COMMAND ...",
+            "unknown COMMAND 'frobnicate' (choose from repo, user, token, key, grant, revoke,"
+            " cluster)",
+        ),
+        (
+            ["repo", "frob"],
+            "Usage: gitstratum [--url URL] [--token TOKEN] repo ACTION ...",
+            "unknown ACTION 'frob' (choose from create, list, delete)",
+        ),
+        (
+            ["repo", "create"],
+            "Usage: gitstratum [--url URL] [--token TOKEN] repo create OWNER/NAME [--public]",
+            "missing OWNER/NAME",
+        ),
+        (
+            ["grant", "bob", "org/r", "owner"],
+            "Usage: gitstratum [--url URL] [--token TOKEN] grant USER OWNER/NAME read|write|admin",
+            "argument PERMISSION: expected read, write or admin, not 'owner'",
+        ),
+        (
+            ["key", "remove", "bob"],
+            "Usage: gitstratum [--url URL] [--token TOKEN] key remove USER FINGERPRINT",
+            "missing FINGERPRINT",
+        ),
+    ],
+)
+def test_usage_errors_name_the_command_and_what_is_wrong(
+    h: Harness, argv: list[str], usage: str, error: str
+) -> None:
+    """A usage error prints the synopsis of the command it is about, then one line saying what is wrong."""
+    result = h.run(*argv)
+    assert result == Result(2, "", f"{usage}\ngitstratum: error: {error}\n")
+
+
+def test_flags_may_follow_the_arguments(h: Harness) -> None:
+    """`repo create NAME --public` and `--public NAME` mean the same, as with git."""
+    h.run("repo", "create", "--public", "org/a")
+    h.run("repo", "create", "org/b", "--public")
+    assert h.run("repo", "list").out == "org/a\tpublic\norg/b\tpublic\n"
 
 
 def test_a_missing_token_is_a_usage_error(h: Harness) -> None:
@@ -322,9 +378,37 @@ def test_a_missing_token_is_a_usage_error(h: Harness) -> None:
 def test_help_lists_the_subcommands(h: Harness) -> None:
     """--help exits 0 and names every subcommand."""
     result = h.run("--help")
-    assert result.code == 0
+    assert result.code == 0 and result.err == ""
     for word in ("repo", "user", "token", "key", "grant", "revoke", "cluster", "GITSTRATUM_TOKEN"):
         assert word in result.out
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["repo", "--help"], ["repo ACTION", "create", "list", "delete"]),
+        (["repo", "create", "--help"], ["repo create OWNER/NAME [--public]", "--public"]),
+        (["user", "create", "--help"], ["user create NAME [--admin]", "--admin"]),
+        (["key", "add", "--help"], ["key add USER PUBKEY_FILE", "- for standard input"]),
+        (["cluster", "status", "--help"], ["cluster status"]),
+    ],
+)
+def test_every_command_has_help(h: Harness, argv: list[str], words: list[str]) -> None:
+    """--help after any command prints that command's usage to stdout and exits 0, sending nothing."""
+    recorder = Recorder(h.stub)
+    result = h.run(*argv, client=recorder)
+    assert result.code == 0 and result.err == ""
+    assert result.out.startswith("Usage: gitstratum [--url URL] [--token TOKEN] ")
+    for word in words:
+        assert word in result.out
+    assert recorder.calls == []
+
+
+def test_version_names_gitstratum(h: Harness) -> None:
+    """--version prints gitstratum's version (not Twisted's) and exits 0."""
+    from gitstratum import __version__
+
+    assert h.run("--version") == Result(0, f"gitstratum {__version__}\n", "")
 
 
 # -- main() ------------------------------------------------------------------------------
@@ -366,3 +450,52 @@ def test_main_usage_error_never_starts_the_reactor(capsys: pytest.CaptureFixture
     assert cli.main(["repo", "create", "bad"], react=no_react) == 2
     err = capsys.readouterr().err
     assert "gitstratum: error: argument OWNER/NAME: expected OWNER/NAME, not 'bad'\n" in err
+
+
+# -- the project's other command lines (one parser style: twisted.python.usage) ------------
+
+
+@pytest.mark.parametrize("module", [simulate, raft_process])
+def test_other_command_lines_have_help(module: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """The simulator's and the Raft process's --help print their usage and return 0 (no reactor)."""
+    assert module.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"Usage: {module.PROG} ")
+    assert "--seed=" in out
+
+
+@pytest.mark.parametrize(
+    ("module", "argv", "error"),
+    [
+        (simulate, ["--nodes", "4"], "--nodes must be 3 or 5, not 4"),
+        (simulate, ["--broken", "nope"], "--broken must be one of stale_reads, unsynced"),
+        (simulate, ["extra"], "unexpected argument 'extra'"),
+        (raft_process, ["--id", "1"], "missing --data-dir, --listen, --peers"),
+        (
+            raft_process,
+            ["--id", "1", "--data-dir", "d", "--listen", "tcp:0", "--peers", "1=tcp:x,zz"],
+            "--peers: bad peer 'zz': expected ID=ENDPOINT",
+        ),
+    ],
+)
+def test_other_command_lines_report_usage_errors(
+    module: Any, argv: list[str], error: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad command line gives the synopsis and one error line on stderr, and exit status 2."""
+    assert module.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith(f"Usage: {module.PROG} ")
+    assert captured.err.endswith(f"{module.PROG}: error: {error}\n")
+
+
+def test_raft_process_options_parse_to_typed_values() -> None:
+    """The Raft process's options arrive typed: ints, floats and the peers as a mapping."""
+    options = raft_process.Options()
+    options.parseOptions(
+        ["--id", "2", "--data-dir", "d2", "--listen", "tcp:7002", "--tick-interval", "0.01"]
+        + ["--peers", "1=tcp:host=h:port=1,2=tcp:host=h:port=2", "--seed", "7"]
+    )
+    assert options["id"] == 2 and options["seed"] == 7 and options["tick-interval"] == 0.01
+    assert options["peers"] == {1: "tcp:host=h:port=1", 2: "tcp:host=h:port=2"}
+    assert options["snapshot-every"] == 10_000 and options["client"] is None
