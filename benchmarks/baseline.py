@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from harness import ENV, free_port, sh
-from twisted.python import usage
 
+from gitstratum import cmdline
 from gitstratum.cmdline import InterspersedOptions
 
 SETUP_HINT = "the git baseline needs nginx and fcgiwrap: apt-get install -y nginx fcgiwrap"
@@ -243,11 +243,9 @@ class Options(InterspersedOptions):
 
 def main() -> int:
     options = Options()
-    try:
-        options.parseOptions()
-    except usage.UsageError as e:
-        print(f"{options}\nerror: {e}", file=sys.stderr)
-        return 2
+    status = cmdline.parse(options, None, "baseline.py")
+    if status is not None:
+        return status
     work = Path(tempfile.mkdtemp(prefix="gs-baseline-"))
     base = Baseline(work, port=options["port"])
     # SIGTERM stops it as Ctrl-C does: nginx and fcgiwrap must not outlive it

@@ -45,6 +45,7 @@ from twisted.python import usage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from gitstratum import cmdline
 from gitstratum.cmdline import InterspersedOptions  # noqa: E402
 
 __all__ = ["storm", "server_cpu_seconds", "server_tree", "percentile", "Options", "main"]
@@ -349,11 +350,9 @@ class Options(InterspersedOptions):
 
 def main(argv: Sequence[str] | None = None) -> int:
     options = Options()
-    try:
-        options.parseOptions(argv)
-    except usage.UsageError as e:
-        print(f"{options}\nerror: {e}", file=sys.stderr)
-        return 2
+    status = cmdline.parse(options, argv, "clone_storm.py")
+    if status is not None:
+        return status
     result = storm(
         options["url"],
         depth=options["depth"],

@@ -40,6 +40,7 @@ from typing import IO, Any
 import attrs
 from twisted.python import usage
 
+from gitstratum import cmdline
 from gitstratum.cmdline import InterspersedOptions
 from gitstratum.testing.fixtures import GIT_ENV, GitCommandError, git
 
@@ -433,11 +434,9 @@ class Options(InterspersedOptions):
 
 def main(argv: Sequence[str] | None = None) -> int:
     options = Options()
-    try:
-        options.parseOptions(sys.argv[1:] if argv is None else list(argv))
-    except usage.UsageError as e:
-        print(f"{options}\nerror: {e}", file=sys.stderr)
-        return 2
+    status = cmdline.parse(options, argv, "repogen")
+    if status is not None:
+        return status
     try:
         make_repo(
             Path(options["out"]),
