@@ -372,7 +372,8 @@ class ControlPlane:
                 return f
 
             link.addErrback(lost)
-        link = self._leader_link[1]
+        else:
+            link = self._leader_link[1]
 
         def call(proto: NodeAMP) -> Deferred[dict[str, Any]]:
             if proto.transport is None or getattr(proto, "closed", False):
