@@ -15,11 +15,13 @@ import pytest
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.protocols import amp
+from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.test.iosim import IOPump, connectedServerAndClient
 
 from gitstratum.cluster import commands as wire
 from gitstratum.cluster.auth import AuthenticationFailed, NodeAMP, NotAuthenticated
+from gitstratum.control import tap
 from gitstratum.control.commands import (
     Heartbeat,
     Join,
@@ -539,3 +541,51 @@ def test_bad_intervals_are_refused() -> None:
         attrs.evolve(make_node("c1", Clock()).plane, interval=0)
     with pytest.raises(ValueError, match="max_watch"):
         attrs.evolve(make_node("c1", Clock()).plane, max_watch=float("inf"))
+
+
+# -- the command line -----------------------------------------------------------------------
+
+BASE = [
+    "--data-dir",
+    "/tmp/x",
+    "--name",
+    "c2",
+    "--initial-cluster",
+    "c1=127.0.0.2:7200,c2=127.0.0.3:7200,c3=127.0.0.4:7200",
+    "--listen",
+    "tcp:7100:interface=127.0.0.3",
+]
+
+
+def parse(*argv: str) -> tap.Options:
+    options = tap.Options()
+    options.parseOptions(list(argv))
+    return options
+
+
+def test_options_derive_the_raft_listener_and_the_advertised_address() -> None:
+    """Node ids follow --initial-cluster order; Raft listens on this node's entry by default."""
+    options = parse(*BASE)
+    assert [n for n, _ in options["cluster"]] == ["c1", "c2", "c3"]
+    assert options["raft-listen"] == "tcp:7200:interface=127.0.0.3"
+    assert options["advertise"] == "127.0.0.3:7100"
+    assert options["heartbeat-window"] == 10.0 and options["tick"] == 0.05
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--data-dir", "/tmp/x", "--name", "c1", "--join", "127.0.0.2:7100"], "not supported yet"),
+        (["--data-dir", "/tmp/x", "--name", "c1"], "--initial-cluster is required"),
+        ([*BASE[:3], "c9", *BASE[4:]], "not in --initial-cluster"),
+        ([*BASE[:5], "c1=127.0.0.2:7200,c1=127.0.0.3:7200", *BASE[6:]], "twice"),
+        ([*BASE[:5], "c1=nowhere", *BASE[6:]], "BAD_ADDRESS"),
+        ([*BASE[:5], "c1", *BASE[6:]], "NAME=HOST:PORT"),
+        ([*BASE, "--heartbeat-window", "0"], "positive"),
+        ([*BASE[:7], "tcp:7100"], "--advertise"),
+    ],
+)
+def test_bad_command_lines_are_refused_clearly(argv: list[str], message: str) -> None:
+    """Each mistake on the command line gets a usage error that names it."""
+    with pytest.raises(usage.UsageError, match=message):
+        parse(*argv)
