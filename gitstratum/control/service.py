@@ -608,8 +608,16 @@ class ControlService(MultiService):
         )
 
     def stopService(self) -> Deferred[None]:  # type: ignore[override]
+        # members first (no new commands), then Raft (syncs the log), then
+        # its connections; the log is closed last, when nothing can reach it
         self.plane.stop()
-        self.raft.stopService()
-        self._close_log()
         d = super().stopService() or succeed(None)
-        return cast(Deferred[None], d.addCallback(lambda _: self._transport.stop()))
+
+        def raft_down(_: object) -> Deferred[None]:
+            self.raft.stopService()
+            return cast(Deferred[None], self._transport.stop())
+
+        def close(_: object) -> None:
+            self._close_log()
+
+        return cast(Deferred[None], d.addCallback(raft_down).addCallback(close))

@@ -27,7 +27,8 @@ from gitstratum.cluster.secret import load
 from gitstratum.control.commands import Join, encode_command
 from gitstratum.control.topology import Topology
 from gitstratum.testing.raft_process import BlockingClient
-from tests.e2e.conftest import checkout_env
+
+from .conftest import checkout_env
 
 ROOT = Path(__file__).resolve().parents[2]
 HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
