@@ -2,7 +2,8 @@
 
 A leader is elected, members join through any node, the leader is killed
 with SIGKILL, a new one is elected with the topology unchanged, the killed
-node restarts and catches up from its Raft log, and a client without the
+node restarts and catches up from its Raft log (marked down meanwhile, then
+active again, as every member is), and a client without the
 cluster secret is refused.
 """
 
@@ -177,7 +178,9 @@ def cluster(tmp_path: Path) -> Iterator[ControlCluster]:
 
 
 def test_three_control_processes_survive_the_leaders_kill(cluster: ControlCluster) -> None:
-    """Members join through any node; kill -9 of the leader keeps their topology; a restart catches up."""
+    """Members join through any node; kill -9 of the leader keeps their topology; it is marked down,
+    and on restart it catches up from its Raft log and is marked active again.
+    """
     secret = load(str(cluster.secret_file))
     for name in NAMES:
         _wait(f"{name} listening", lambda n=name: cluster.client(n, secret).close() or True)
@@ -208,6 +211,10 @@ def test_three_control_processes_survive_the_leaders_kill(cluster: ControlCluste
             assert _joined(topology) == before
             assert topology.epoch == epoch
 
+    # control nodes are members too: the new leader marks the killed one down
+    with cluster.client(new_leader, secret) as c:
+        _wait(f"{leader} marked down", lambda: _state(c.status(), leader) == "down")
+
     # a write after the failover, then the killed node catches up on it
     join = Join("obj-late", ("object",), "127.0.1.99:9000", 0.0)
     with cluster.client(new_leader, secret) as c:
@@ -219,6 +226,8 @@ def test_three_control_processes_survive_the_leaders_kill(cluster: ControlCluste
             "the restarted node to catch up",
             lambda: "obj-late" in _joined(c.topology()) and _joined(c.topology()) > before,
         )
+    with cluster.client(new_leader, secret) as c:
+        _wait(f"{leader} active again", lambda: _state(c.status(), leader) == "active")
 
 
 def test_a_client_without_the_secret_is_refused(cluster: ControlCluster) -> None:
@@ -237,3 +246,8 @@ def test_a_client_without_the_secret_is_refused(cluster: ControlCluster) -> None
 
 def _joined(topology: Topology) -> frozenset[str]:
     return frozenset(m.id for m in topology.members if not m.id.startswith("c"))
+
+
+def _state(status: dict[str, Any], name: str) -> str | None:
+    states = [n["state"] for n in status["nodes"] if n["name"] == name]
+    return states[0] if states else None
