@@ -446,6 +446,13 @@ class ControlPlane:
         self._watches.append(watch)
         return d
 
+    def release(self, d: Deferred[dict[str, Any]]) -> None:
+        """Answer the watch *d* now (its connection closed), if it is still held."""
+        for watch in self._watches:
+            if watch.deferred is d:
+                self._finish_watch(watch)
+                return
+
     def _finish_watch(self, watch: _Watch) -> None:
         self._cancel_watch(watch)
         if not watch.deferred.called:
@@ -505,9 +512,11 @@ class ControlServer(NodeAMP):
         return self.peer_node in self._plane.control_names
 
     def connectionLost(self, reason: Any = None) -> None:
+        # answered, not cancelled: a cancelled responder is logged as a
+        # failure, and the answer to a closed connection goes nowhere
         watch, self._watch = self._watch, None
-        if watch is not None and not watch.called:
-            watch.cancel()
+        if watch is not None:
+            self._plane.release(watch)
         super().connectionLost(reason)
 
     @wire.Join.responder

@@ -14,6 +14,7 @@ import attrs
 import pytest
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, capturedLogs
 from twisted.protocols import amp
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -443,9 +444,11 @@ def test_one_watch_per_connection_and_a_lost_connection_drops_it() -> None:
     flush(node)
     with pytest.raises(wire.Refused, match="BUSY"):
         call(client, [node], wire.WatchTopology, since=0, wait=30.0)
-    client.transport.loseConnection()
-    flush(node)
+    with capturedLogs() as events:
+        client.transport.loseConnection()
+        flush(node)
     assert node.plane.watching == 0
+    assert not [e for e in events if e["log_level"] in (LogLevel.critical, LogLevel.error)]
 
 
 def test_cluster_status_lists_members_leader_and_term() -> None:
