@@ -12,7 +12,33 @@ A topology can be larger than one AMP value (1,000 nodes hold 256,000
 tokens), so ``GetTopology`` pages it: the caller asks for ``offset`` 0,
 then for each next offset until it has ``total`` bytes, all of one
 ``epoch``; a page of another epoch than the one asked for fails with
-``STALE_EPOCH`` and the caller starts again.
+``STALE_EPOCH`` and the caller starts again. The control node pins the
+bytes a fetch started on (offset 0) to the connection, so every page of
+one fetch comes from one encoding.
+
+The contract, as ``gitstratum.control.service`` answers it:
+
+- ``Join.member`` is ``gitstratum.control.commands.encode_command(Join(...))``:
+  the member's id, roles, AMP address, public addresses, zone and weight;
+  its ``at`` is replaced by the leader's clock. A second ``Join`` of the
+  same member (same id and address) is how a restarted node becomes active
+  again.
+- Refusals: ``REFUSED`` with the description ``REASON: message`` (the reason
+  is a ``gitstratum.control.errors.Refusal`` tag such as ``DUPLICATE_ID``,
+  or ``UNKNOWN_NODE`` for a heartbeat from a node that must join again,
+  or ``BAD_OFFSET``/``BAD_WAIT``/``BAD_EPOCH``/``BUSY``/``TOO_LARGE`` for
+  a read), ``STALE_EPOCH``, ``NO_LEADER`` (retry shortly; also when the
+  leader cannot be reached). Nothing changes on any of them.
+- ``Heartbeat`` and ``WatchTopology`` also answer ``version``, which moves
+  on every change but heartbeat times (a member marked down moves it, not
+  the epoch); ``WatchTopology(since_version=V)`` also returns once the
+  version passes ``V``. A watch is held at most the server's
+  ``max_watch`` seconds, and one at a time per connection.
+- ``ClusterStatus.status`` is JSON: ``{"nodes": [{"name", "roles", "role",
+  "state", "address", "last_heartbeat", "zone", "http", "ssh"}], "epoch",
+  "version", "leader", "term", "node"}``; ``leader`` is the leading
+  control node's name (``null`` during an election), ``node`` the
+  answering one's.
 """
 
 from __future__ import annotations
@@ -75,7 +101,7 @@ class Heartbeat(NodeCommand):
     """A member is alive; answers the current epoch so the member knows whether to fetch."""
 
     arguments = [(b"node", amp.Unicode())]
-    response = [(b"epoch", amp.Integer())]
+    response = [(b"epoch", amp.Integer()), (b"version", amp.Integer(optional=True))]
     errors = _WRITE_ERRORS
 
 
@@ -100,14 +126,19 @@ class GetTopology(NodeCommand):
 
     arguments = [(b"epoch", amp.Integer()), (b"offset", amp.Integer())]
     response = [(b"epoch", amp.Integer()), (b"total", amp.Integer()), (b"page", amp.String())]
-    errors = {StaleEpoch: b"STALE_EPOCH"}
+    errors = {StaleEpoch: b"STALE_EPOCH", Refused: b"REFUSED"}
 
 
 class WatchTopology(NodeCommand):
     """Answered as soon as the epoch passes ``since``, or after ``wait`` seconds with the same one."""
 
-    arguments = [(b"since", amp.Integer()), (b"wait", amp.Float())]
-    response = [(b"epoch", amp.Integer())]
+    arguments = [
+        (b"since", amp.Integer()),
+        (b"wait", amp.Float()),
+        (b"since_version", amp.Integer(optional=True)),
+    ]
+    response = [(b"epoch", amp.Integer()), (b"version", amp.Integer(optional=True))]
+    errors = {Refused: b"REFUSED"}
 
 
 class ClusterStatus(NodeCommand):
@@ -115,3 +146,4 @@ class ClusterStatus(NodeCommand):
 
     arguments = []  # type: ignore[misc]
     response = [(b"status", amp.String())]
+    errors = {Refused: b"REFUSED"}

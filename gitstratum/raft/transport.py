@@ -17,6 +17,17 @@ split into consecutive chunks that the receiver reassembles (one message at
 a time per connection, bounded by ``max_message_size``).  The encoded
 messages are ``gitstratum.raft.codec``'s.
 
+With a cluster ``secret`` (``AMPTransport(secret=...)``) the handshake
+also proves it, both ways: the dialler sends a fresh nonce and
+``HMAC-SHA256(secret, "raft-dialler" | nonce_c | sender | receiver)``, the
+listener answers its own nonce and ``HMAC(secret, "raft-listener" | nonce_c
+| nonce_s | sender | receiver)``. A side whose peer's proof is missing or
+wrong refuses the handshake and drops the connection, so a process without
+the secret cannot send a Raft message. The dialler's proof covers only its
+own nonce (one round trip), so it is not fresh against an on-path
+recorder; against that, and for confidentiality, run the transport over
+``ssl:`` endpoints (mutual TLS), as for every link between nodes.
+
 Anything the listener cannot accept (an incompatible version, an unknown
 command, a malformed frame, a message that fails to decode or is
 misaddressed) gets one warning line and the connection dropped; nothing
@@ -28,8 +39,11 @@ is told; while a connection is being made, a bounded queue holds them.
 from __future__ import annotations
 
 import enum
+import hashlib
+import hmac
 import math
 import random
+import secrets
 import struct
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -66,6 +80,7 @@ __all__ = [
     "RaftMessages",
     "IncompatibleVersion",
     "WrongNode",
+    "NotAuthenticated",
     "FrameError",
     "Reassembler",
     "pack_frames",
@@ -93,17 +108,45 @@ class WrongNode(Exception):
     """The handshake names a node other than the one that answered, or an impossible sender."""
 
 
+class NotAuthenticated(Exception):
+    """The peer did not prove the cluster secret in the handshake."""
+
+
+#: bytes of each side's handshake nonce
+NONCE_BYTES = 16
+
+
+def _proof(secret: bytes, side: bytes, sender: int, receiver: int, *nonces: bytes) -> bytes:
+    ids = f"{sender}\0{receiver}".encode("ascii")
+    return hmac.new(secret, b"\0".join((side, ids, *nonces)), hashlib.sha256).digest()
+
+
 class Handshake(amp.Command):
-    """The first command on every connection: who is calling, whom it expects, and its codec version."""
+    """The first command on every connection: who is calling, whom it expects, and its codec version.
+
+    ``nonce`` and ``proof`` carry the cluster-secret proof when the
+    transport has a secret (see the module docstring).
+    """
 
     commandName = b"raft-handshake"
     arguments = [
         (b"version", amp.Integer()),
         (b"sender", amp.Integer()),
         (b"receiver", amp.Integer()),
+        (b"nonce", amp.String(optional=True)),
+        (b"proof", amp.String(optional=True)),
     ]
-    response = [(b"version", amp.Integer()), (b"node", amp.Integer())]
-    fatalErrors = {IncompatibleVersion: b"INCOMPATIBLE_VERSION", WrongNode: b"WRONG_NODE"}
+    response = [
+        (b"version", amp.Integer()),
+        (b"node", amp.Integer()),
+        (b"nonce", amp.String(optional=True)),
+        (b"proof", amp.String(optional=True)),
+    ]
+    fatalErrors = {
+        IncompatibleVersion: b"INCOMPATIBLE_VERSION",
+        WrongNode: b"WRONG_NODE",
+        NotAuthenticated: b"NOT_AUTHENTICATED",
+    }
 
 
 class RaftMessages(amp.Command):
@@ -267,6 +310,7 @@ class RaftAMP(amp.AMP):
         self._next_message_id = 0
         self._reassembler = Reassembler(raft.max_message_size)
         self._handshake_timer: IDelayedCall | None = None
+        self._nonce = b""
 
     # -- both sides ---------------------------------------------------------
 
@@ -286,8 +330,22 @@ class RaftAMP(amp.AMP):
             self._link.congested = False
             if IConsumer.providedBy(transport):
                 transport.registerProducer(_SendBuffer(self._link), True)
+            proof: dict[str, bytes] = {}
+            secret = self._raft.secret
+            if secret is not None:
+                self._nonce = secrets.token_bytes(NONCE_BYTES)
+                proof = {
+                    "nonce": self._nonce,
+                    "proof": _proof(
+                        secret, b"raft-dialler", self._raft.node_id, self.peer, self._nonce
+                    ),
+                }
             answer = self.callRemote(
-                Handshake, version=CODEC_VERSION, sender=self._raft.node_id, receiver=self.peer
+                Handshake,
+                version=CODEC_VERSION,
+                sender=self._raft.node_id,
+                receiver=self.peer,
+                **proof,
             )
             answer.addCallbacks(self._handshake_answered, self._handshake_failed)
             self._handshake_timer = self._raft.timer.callLater(
@@ -365,8 +423,27 @@ class RaftAMP(amp.AMP):
         super().ampBoxReceived(box)
 
     @Handshake.responder
-    def _handshake(self, version: int, sender: int, receiver: int) -> dict[str, int]:
+    def _handshake(
+        self,
+        version: int,
+        sender: int,
+        receiver: int,
+        nonce: bytes | None = None,
+        proof: bytes | None = None,
+    ) -> dict[str, Any]:
         me = self._raft.node_id
+        secret = self._raft.secret
+        if secret is not None:
+            expected = _proof(secret, b"raft-dialler", sender, receiver, nonce or b"")
+            if (
+                nonce is None
+                or proof is None
+                or len(nonce) != NONCE_BYTES
+                or not hmac.compare_digest(proof, expected)
+            ):
+                reason = "it did not prove the cluster secret"
+                self._refuse(sender, reason)
+                raise NotAuthenticated(reason)
         if version != CODEC_VERSION:
             reason = f"it speaks raft codec version {version}, this node speaks {CODEC_VERSION}"
             self._refuse(sender, reason)
@@ -387,7 +464,11 @@ class RaftAMP(amp.AMP):
             raise WrongNode(reason)
         self.peer = sender
         self._ready = True
-        return {"version": CODEC_VERSION, "node": me}
+        if secret is None or nonce is None:
+            return {"version": CODEC_VERSION, "node": me}
+        nonce_s = secrets.token_bytes(NONCE_BYTES)
+        mine = _proof(secret, b"raft-listener", sender, receiver, nonce, nonce_s)
+        return {"version": CODEC_VERSION, "node": me, "nonce": nonce_s, "proof": mine}
 
     def _refuse(self, sender: int, reason: str) -> None:
         # AMP sends the fatal error and then closes the connection itself.
@@ -429,10 +510,24 @@ class RaftAMP(amp.AMP):
         self._link.rejections += 1
         self._reject(f"no answer to the handshake within {self._raft.handshake_timeout} s")
 
-    def _handshake_answered(self, answer: dict[str, int]) -> None:
+    def _handshake_answered(self, answer: dict[str, Any]) -> None:
         assert self._link is not None
         self._stop_handshake_timer()
-        if answer["version"] != CODEC_VERSION:
+        secret = self._raft.secret
+        nonce_s, theirs = answer.get("nonce"), answer.get("proof")
+        if secret is not None and (
+            nonce_s is None
+            or theirs is None
+            or not hmac.compare_digest(
+                theirs,
+                _proof(
+                    secret, b"raft-listener", self._raft.node_id, self.peer, self._nonce, nonce_s
+                ),
+            )
+        ):
+            self._link.rejections += 1
+            self._reject("it did not prove the cluster secret")
+        elif answer["version"] != CODEC_VERSION:
             self._link.rejections += 1
             self._reject(f"it answered with raft codec version {answer['version']}")
         elif answer["node"] != self.peer:
@@ -515,6 +610,8 @@ class AMPTransport:
     max_buffer_bytes: int = attrs.field(default=16 << 20, kw_only=True)
     #: ``(NodeId) -> None``, told when messages to a peer were dropped or its connection was lost.
     unreachable: Callable[[NodeId], None] = attrs.field(default=_ignore_unreachable, kw_only=True)
+    #: The cluster secret both ends of every connection must prove; ``None``: no proof asked.
+    secret: bytes | None = attrs.field(default=None, kw_only=True, repr=False)
     #: Messages dropped (peer down, queue full, unknown peer, too large), for metrics and tests.
     dropped: int = attrs.field(init=False, default=0)
     _links: dict[NodeId, _Peer] = attrs.field(init=False, factory=dict)

@@ -534,3 +534,56 @@ def test_silent_peer_times_out_the_handshake() -> None:
     # The timeout counts as a failed attempt: the retry waits 2 s rather than 1 s.
     (retry,) = c.reactor.getDelayedCalls()
     assert retry.getTime() - c.reactor.seconds() == _policy(2)
+
+
+# -- the cluster secret in the handshake ----------------------------------------------
+
+
+def test_peers_with_the_same_secret_talk() -> None:
+    """With a secret on both ends, the handshake proves it and messages flow as before."""
+    c = Cluster([1, 2], secret=b"k" * 32)
+    c.start()
+    c.connect()
+    with _warnings() as warnings:
+        c.transports[1].send([_append(1, 2)])
+        c.flush()
+    assert c.received[2] == [_append(1, 2)]
+    assert warnings == []
+
+
+def test_a_peer_with_another_secret_is_refused_and_dropped() -> None:
+    """A dialler whose proof is wrong is refused at the handshake; nothing it sends arrives."""
+    c = Cluster([1, 2], secret=b"k" * 32)
+    object.__setattr__(c.transports[1], "secret", b"x" * 32)
+    c.start()
+    with _warnings() as warnings:
+        c.connect()
+        c.transports[1].send([_append(1, 2)])
+        c.flush()
+    assert c.received[2] == []
+    assert "it did not prove the cluster secret" in [w["reason"] for w in warnings]
+
+
+def test_a_handshake_without_a_proof_is_refused() -> None:
+    """A listener with a secret refuses an old-style handshake (no nonce, no proof) and hangs up."""
+    c = Cluster([1, 2], secret=b"k" * 32)
+    protocol, transport = _server(c, 1)
+    with _warnings() as warnings:
+        protocol.dataReceived(_handshake(2, 1) + _frames(b"ignored"))
+    assert transport.disconnecting
+    assert b"NOT_AUTHENTICATED" in transport.value()
+    assert [w["reason"] for w in warnings] == ["it did not prove the cluster secret"]
+    assert c.received[1] == []
+
+
+def test_a_listener_without_the_secret_is_not_trusted() -> None:
+    """A dialler with a secret drops a listener that answers without a proof."""
+    c = Cluster([1, 2], secret=b"k" * 32)
+    object.__setattr__(c.transports[2], "secret", None)
+    c.start()
+    with _warnings() as warnings:
+        c.connect()
+        c.transports[1].send([_append(1, 2)])
+        c.flush()
+    assert c.received[2] == []
+    assert "it did not prove the cluster secret" in [w["reason"] for w in warnings]
