@@ -98,6 +98,8 @@ def plan(
     if host > 255:
         raise ValueError("a dev cluster has at most 253 nodes (127.0.0.2 to 127.0.0.254)")
     controls = [f"{hosts[n]}:{AMP_PORT}" for n in hosts if n.startswith("control-")]
+    if not controls and hosts:
+        raise ValueError("the other nodes join through the control plane: give --control 1 or more")
     initial = ",".join(f"{n}={hosts[n]}:{AMP_PORT}" for n in hosts if n.startswith("control-"))
     for name, ip in hosts.items():
         role = name.rsplit("-", 1)[0]

@@ -60,9 +60,12 @@ def test_a_role_without_a_plugin_is_left_out(tmp_path: Path) -> None:
 
 
 def test_any_count_may_be_zero(tmp_path: Path) -> None:
-    """A cluster of only object nodes plans only those."""
-    nodes = plan(str(tmp_path), {"object": 2}, exists=lambda module: True)
-    assert [n.name for n in nodes] == ["object-1", "object-2"]
+    """A cluster of a control node and object nodes plans only those; members need a control node."""
+    nodes = plan(str(tmp_path), {"control": 1, "object": 2}, exists=lambda module: True)
+    assert [n.name for n in nodes] == ["control-1", "object-1", "object-2"]
+    assert plan(str(tmp_path), {}, exists=lambda module: True) == []
+    with pytest.raises(ValueError, match="--control"):
+        plan(str(tmp_path), {"object": 2}, exists=lambda module: True)
 
 
 def test_up_kill_up_down(cluster_dir: Path) -> None:
