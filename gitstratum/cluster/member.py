@@ -329,7 +329,7 @@ class MemberService(Service, Generic[T]):
                 delay = min(delay * 2, self.retry_max)
                 continue
             _log.info("joined through {address} at epoch {epoch}", address=address, **answer)
-            self._heard(answer["epoch"], proto)
+            self._heard(answer["epoch"], None, proto)
             return
 
     @inlineCallbacks
@@ -361,20 +361,34 @@ class MemberService(Service, Generic[T]):
                 _log.warn("heartbeat refused ({e}); joining again", e=e)
                 yield self._call(proto, Join, member=self._member)
                 continue
-            self._heard(answer["epoch"], proto)
+            self._heard(answer["epoch"], answer.get("version"), proto)
 
     @inlineCallbacks
     def _watch(self, proto: _MemberAMP) -> Any:
         while True:
-            since = self._topology.epoch if self._topology is not None else 0
+            current = self._topology
             answer = yield self._call(
-                proto, WatchTopology, since=since, wait=self.watch_wait, timeout=self.watch_wait
+                proto,
+                WatchTopology,
+                since=current.epoch if current is not None else 0,
+                since_version=current.version if current is not None else 0,
+                wait=self.watch_wait,
+                timeout=self.watch_wait,
             )
-            self._heard(answer["epoch"], proto)
+            self._heard(answer["epoch"], answer.get("version"), proto)
 
-    def _heard(self, epoch: int, proto: _MemberAMP) -> None:
-        """The control plane is at *epoch*: fetch the topology unless we have it."""
-        if self._topology is None or epoch != self._topology.epoch:
+    def _heard(self, epoch: int, version: int | None, proto: _MemberAMP) -> None:
+        """The control plane is at *epoch* (and *version*, when told): fetch unless we have it.
+
+        A member marked down or active moves the version, not the epoch; a
+        member must see those too (the object tier's handoff reads them).
+        """
+        current = self._topology
+        if (
+            current is None
+            or epoch != current.epoch
+            or (version is not None and version != current.version)
+        ):
             self._start_fetch(proto)
 
     # -- fetching --------------------------------------------------------------------------

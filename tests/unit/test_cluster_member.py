@@ -37,7 +37,7 @@ class ControlPlane:
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
         self.state = ControlState(config=RingConfig(vnodes=8))
-        self.watches: list[tuple[int, Deferred[dict[str, Any]]]] = []
+        self.watches: list[tuple[tuple[int, int], Deferred[dict[str, Any]]]] = []
         self.heartbeats: list[str] = []
         self.joins: list[str] = []
         self.no_leader = 0
@@ -63,10 +63,17 @@ class ControlPlane:
         for since, d in waiting:
             if d.called:
                 continue
-            if since != self.state.epoch:
-                d.callback({"epoch": self.state.epoch})
+            if since != self.now():
+                d.callback(self.answer())
             else:
                 self.watches.append((since, d))
+
+    def now(self) -> tuple[int, int]:
+        return self.state.epoch, self.state.version
+
+    def answer(self) -> dict[str, int]:
+        """What the control service answers a watch or a heartbeat with."""
+        return {"epoch": self.state.epoch, "version": self.state.version}
 
 
 class FakeControl(NodeAMP):
@@ -90,19 +97,17 @@ class FakeControl(NodeAMP):
     @wire.Heartbeat.responder
     def heartbeat(self, node: str) -> dict[str, Any]:
         self.plane.heartbeats.append(node)
-        applied = self.plane.execute(ctl.Heartbeat((node,), self.plane.clock.seconds()))
-        return {"epoch": applied.epoch}
+        self.plane.execute(ctl.Heartbeat((node,), self.plane.clock.seconds()))
+        return self.plane.answer()
 
     @wire.WatchTopology.responder
-    def watch(self, since: int, wait: float) -> Any:
-        epoch = self.plane.state.epoch
-        if since != epoch:
-            return {"epoch": epoch}
+    def watch(self, since: int, wait: float, since_version: int | None = None) -> Any:
+        seen = (since, since_version if since_version is not None else self.plane.state.version)
+        if seen != self.plane.now():
+            return self.plane.answer()
         d: Deferred[dict[str, Any]] = Deferred()
-        self.plane.watches.append((since, d))
-        call = self.plane.clock.callLater(
-            wait, lambda: d.called or d.callback({"epoch": self.plane.state.epoch})
-        )
+        self.plane.watches.append((seen, d))
+        call = self.plane.clock.callLater(wait, lambda: d.called or d.callback(self.plane.answer()))
         d.addBoth(lambda r: (call.active() and call.cancel(), r)[1])
         return d
 
@@ -230,10 +235,14 @@ def started(world: World, *control: str, **kw: Any) -> MemberService[Topology]:
 
 
 def test_a_member_joins_heartbeats_and_watches(world: World) -> None:
-    """It joins, fetches the topology (which holds it), heartbeats each second, and sees new epochs."""
-    seen: list[int] = []
+    """It joins, fetches the topology (which holds it), heartbeats each second, and sees new epochs.
+
+    Observers hear of every new topology, a new version (a member's state)
+    as well as a new epoch.
+    """
+    seen: list[tuple[int, int]] = []
     service = world.member()
-    service.subscribe(lambda t: seen.append(t.epoch))
+    service.subscribe(lambda t: seen.append((t.epoch, t.version)))
     service.startService()
     world.net.run(0.5)
     assert world.plane.joins == [ME]
@@ -252,10 +261,27 @@ def test_a_member_joins_heartbeats_and_watches(world: World) -> None:
     world.net.run(0.1)
     now = service.current()
     assert now is not None and now.epoch == before + 1 and now.member("object-2") is not None
-    assert seen == [before, before + 1]
+    # every new topology is told, epochs and versions only ever move forward
+    assert seen == sorted(set(seen)) and sorted({e for e, _ in seen}) == [before, before + 1]
     service.stopService()
     world.net.flush()
     assert world.net.connections("127.0.0.2:7000") == 0
+
+
+def test_a_member_sees_changes_that_keep_the_epoch(world: World) -> None:
+    """A node marked down moves the version, not the epoch; the member still fetches it."""
+    service = started(world)
+    world.net.run(2)
+    before = service.current()
+    assert before is not None and before.member("object-0") is not None
+    world.plane.execute(ctl.MarkDown("object-0", cutoff=world.clock.seconds() + 1))
+    world.net.run(0.1)
+    after = service.current()
+    assert after is not None and after.epoch == before.epoch
+    assert after.version > before.version
+    member = after.member("object-0")
+    assert member is not None and member.state.value == "down"
+    service.stopService()
 
 
 def test_the_disk_copy_is_the_latest_topology(world: World) -> None:
