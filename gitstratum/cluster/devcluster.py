@@ -43,6 +43,8 @@ ROLES = {
     "frontend": ("gitstratum.frontend.cluster_tap", "gitstratum-frontend"),
 }
 AMP_PORT = 7100
+#: a control node's Raft peers talk on their own port, beside its AMP one
+RAFT_PORT = 7200
 HTTP_PORT = 8080
 SSH_PORT = 2222
 CLUSTER_JSON = "cluster.json"
@@ -100,7 +102,7 @@ def plan(
     controls = [f"{hosts[n]}:{AMP_PORT}" for n in hosts if n.startswith("control-")]
     if not controls and hosts:
         raise ValueError("the other nodes join through the control plane: give --control 1 or more")
-    initial = ",".join(f"{n}={hosts[n]}:{AMP_PORT}" for n in hosts if n.startswith("control-"))
+    initial = ",".join(f"{n}={hosts[n]}:{RAFT_PORT}" for n in hosts if n.startswith("control-"))
     for name, ip in hosts.items():
         role = name.rsplit("-", 1)[0]
         module, tap = ROLES[role]

@@ -169,6 +169,10 @@ class Options(usage.Options):
             host_port = dict(cluster)[self["name"]]
             host, _, port = host_port.rpartition(":")
             self["raft-listen"] = f"tcp:{port}:interface={host.strip('[]')}"
+        if self["raft-listen"] == self["listen"]:
+            raise usage.UsageError(
+                f"--listen and --raft-listen are both {self['listen']}: give Raft its own port"
+            )
         advertise = self["advertise"] or _advertised(self["listen"])
         if advertise is None:
             raise usage.UsageError("give --advertise HOST:PORT, or --listen with an interface=")
