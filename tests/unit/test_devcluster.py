@@ -46,7 +46,8 @@ def test_the_plan_puts_each_node_on_its_own_loopback_address(tmp_path: Path) -> 
     member = nodes[3].argv
     assert member[member.index("--join") + 1] == "127.0.0.2:7100,127.0.0.3:7100,127.0.0.4:7100"
     control = nodes[0].argv
-    assert "control-2=127.0.0.3:7100" in control[control.index("--initial-cluster") + 1]
+    # control nodes speak Raft on a port of their own, beside the AMP one members dial
+    assert "control-2=127.0.0.3:7200" in control[control.index("--initial-cluster") + 1]
     frontends = [n for n in nodes if n.role == "frontend"]
     assert all(n.http and n.ssh and "--http" in n.argv for n in frontends)
     assert all(n.http is None for n in nodes if n.role != "frontend")
