@@ -19,6 +19,9 @@ from typing import Any
 
 import pytest
 
+from gitstratum.cluster.member import TOPOLOGY_FILE
+from gitstratum.cluster.topology_cache import TopologyFile
+
 from .conftest import checkout_env
 
 pytestmark = pytest.mark.e2e
@@ -155,3 +158,45 @@ def test_kill_9_then_up_again_then_down(cluster: Path) -> None:
     pids = [n["pid"] for n in restarted.values()]
     devcluster(cluster, "down")
     wait_for("every node stopped", lambda: not any(alive(p) for p in pids), 30)
+
+
+def test_with_every_control_node_killed_members_keep_their_topology(cluster: Path) -> None:
+    """With the whole control plane killed, members stay up on their cached topology; it resumes.
+
+    The members' processes keep running and their on-disk topology (what
+    they serve from) stays as it was. Restarted with ``up``, the control
+    plane comes back from its Raft logs with the same members and epoch,
+    and every member is active again.
+    """
+    expected = set(nodes(cluster))
+    wait_for(
+        "every node active",
+        lambda: set(states(status(cluster)).items()) == {(n, "active") for n in expected},
+        60,
+    )
+    before = status(cluster)
+    assert before is not None
+    members = {name: n for name, n in nodes(cluster).items() if n["role"] != "control"}
+    cached = {
+        name: TopologyFile(str(Path(n["data_dir"]) / TOPOLOGY_FILE)).load()
+        for name, n in members.items()
+    }
+    assert all(c is not None and c[0] == before["epoch"] for c in cached.values())
+
+    for node in nodes(cluster).values():
+        if node["role"] == "control":
+            os.kill(node["pid"], signal.SIGKILL)
+    assert status(cluster) is None
+    time.sleep(3)  # members retry their dials meanwhile; nothing they hold may change
+    for name, node in members.items():
+        assert alive(node["pid"]), f"{name} exited without its control plane"
+        assert TopologyFile(str(Path(node["data_dir"]) / TOPOLOGY_FILE)).load() == cached[name]
+
+    devcluster(cluster, "up")
+    wait_for(
+        "every node active after the restart",
+        lambda: set(states(status(cluster)).items()) == {(n, "active") for n in expected},
+        60,
+    )
+    after = status(cluster)
+    assert after is not None and after["epoch"] == before["epoch"]
