@@ -27,6 +27,10 @@ from twisted.web.error import SchemeNotSupported
 from twisted.web.iweb import IResponse
 
 from gitstratum import __version__, cmdline
+from gitstratum.cluster import devcluster
+from gitstratum.cluster import secret as secret_file
+from gitstratum.cluster.member import parse_join
+from gitstratum.cluster.status import StatusUnavailable, cluster_status, format_status
 
 __all__ = ["main", "execute", "Options", "HTTPClient", "CLIError", "DEFAULT_URL"]
 
@@ -53,6 +57,8 @@ class _Session:
     token: str
     stdout: IO[str]
     stdin: IO[str]
+    #: the running reactor, for commands that speak AMP to a control node
+    reactor: Any = None
 
     async def call(
         self, method: str, path: Sequence[str], body: Mapping[str, Any] | None = None
@@ -168,8 +174,18 @@ async def _revoke(s: _Session, o: _Command) -> None:
 
 
 async def _cluster_status(s: _Session, o: _Command) -> None:
-    status = await s.call("GET", ["cluster", "status"])
-    s.print(json.dumps(status, indent=2, sort_keys=True))
+    if not o["control"]:
+        status = await s.call("GET", ["cluster", "status"])
+        s.print(json.dumps(status, indent=2, sort_keys=True))
+        return
+    try:
+        secret = secret_file.load(o["cluster-secret-file"])
+        doc = await cluster_status(s.reactor, parse_join(o["control"]), secret)
+    except (secret_file.SecretError, ValueError) as e:
+        raise CLIError(str(e)) from None
+    except StatusUnavailable as e:
+        raise CLIError(f"no control node answered: {e}") from None
+    s.print(json.dumps(doc, indent=2, sort_keys=True) if o["json"] else format_status(doc))
 
 
 # -- the grammar ------------------------------------------------------------------------
@@ -227,9 +243,14 @@ class _Command(cmdline.InterspersedOptions, _Options):
         """Send the command's requests through *s* and print the outcome."""
         raise NotImplementedError
 
+    def needs_token(self) -> bool:
+        """Whether the command speaks to the admin API (and so needs a token)."""
+        return True
+
     def grammar(self) -> str:
+        params = [f"[--{p[0]} VALUE]" for p in getattr(self, "optParameters", [])]
         flags = [f"[--{flag[0]}]" for flag in getattr(self, "optFlags", [])]
-        return " ".join([metavar for _, metavar in self.arguments] + flags)
+        return " ".join([metavar for _, metavar in self.arguments] + params + flags)
 
     def parseArgs(self, *args: str) -> None:
         if len(args) < len(self.arguments):
@@ -344,7 +365,26 @@ class _Revoke(_Command):
 
 
 class _ClusterStatus(_Command):
+    longdesc = (
+        "Without --control: the status the server's admin API reports, as JSON. With "
+        "--control: every member of a cluster, its role, state, address, zone and last "
+        "heartbeat, the ring epoch and the control plane's leader and term, asked of any "
+        "control node with the cluster secret (no API token needed)."
+    )
+    optParameters: ClassVar[list[list[Any]]] = [
+        ["control", None, None, "Control-plane addresses, HOST:PORT[,...]."],
+        ["cluster-secret-file", None, None, "The cluster secret (with --control)."],
+    ]
+    optFlags: ClassVar[list[list[Any]]] = [["json", None, "With --control: print JSON."]]
     run = staticmethod(_cluster_status)
+
+    def postOptions(self) -> None:
+        super().postOptions()
+        if self["control"] and not self["cluster-secret-file"]:
+            raise usage.UsageError("--control needs --cluster-secret-file")
+
+    def needs_token(self) -> bool:
+        return not self["control"]
 
 
 class _Cluster(_Group):
@@ -372,6 +412,7 @@ class Options(_Options):
         ["grant", None, _Grant, "Give USER a permission on a repository."],
         ["revoke", None, _Revoke, "Take away USER's permission on a repository."],
         ["cluster", None, _Cluster, "Inspect the cluster."],
+        ["dev-cluster", None, devcluster.Options, "Run a whole cluster on this machine."],
     ]
 
     def postOptions(self) -> None:
@@ -393,6 +434,13 @@ class _Parsed:
     token: str
 
 
+@attrs.frozen
+class _DevCluster:
+    """``dev-cluster ...``: runs processes on this machine, no API and no reactor."""
+
+    options: devcluster.Options
+
+
 def _fail(stderr: IO[str], message: str) -> None:
     stderr.write(f"{PROG}: error: {message}\n")
 
@@ -403,9 +451,15 @@ async def _execute(
     stdout: IO[str],
     stderr: IO[str],
     stdin: IO[str],
+    reactor: Any = None,
 ) -> int:
     session = _Session(
-        client=client, url=parsed.url, token=parsed.token, stdout=stdout, stdin=stdin
+        client=client,
+        url=parsed.url,
+        token=parsed.token,
+        stdout=stdout,
+        stdin=stdin,
+        reactor=reactor,
     )
     try:
         await parsed.command.run(session, parsed.command)
@@ -417,14 +471,16 @@ async def _execute(
 
 def _parse(
     argv: Sequence[str] | None, env: Mapping[str, str], stdout: IO[str], stderr: IO[str]
-) -> _Parsed | int:
+) -> _Parsed | _DevCluster | int:
     """The parsed command with url and token resolved, or the exit status of --help or a usage error."""
     options = Options()
     status = cmdline.parse(options, argv, PROG, stdout=stdout, stderr=stderr)
     if status is not None:
         return status
-    token = options["token"] or env.get("GITSTRATUM_TOKEN")
-    if not token:
+    if options.subCommand == "dev-cluster":
+        return _DevCluster(cast(devcluster.Options, options.subOptions))
+    token = options["token"] or env.get("GITSTRATUM_TOKEN") or ""
+    if not token and options.command().needs_token():
         error = "no API token: pass --token or set GITSTRATUM_TOKEN"
         cmdline.report_usage_error(options, PROG, error, stderr)
         return 2
@@ -446,6 +502,8 @@ def execute(
     parsed = _parse(argv, os.environ if env is None else env, out, err)
     if isinstance(parsed, int):
         return succeed(parsed)
+    if isinstance(parsed, _DevCluster):
+        return succeed(devcluster.run(parsed.options, out))
     return ensureDeferred(_execute(parsed, client, out, err, inp))
 
 
@@ -468,10 +526,13 @@ def main(
     parsed = _parse(argv, os.environ, sys.stdout, sys.stderr)
     if isinstance(parsed, int):
         return parsed
+    if isinstance(parsed, _DevCluster):
+        return devcluster.run(parsed.options)  # processes on this machine: no reactor needed
     options = parsed
 
     async def run(reactor: Any) -> None:
-        status = await _execute(options, make_client(reactor), sys.stdout, sys.stderr, sys.stdin)
+        client = make_client(reactor)
+        status = await _execute(options, client, sys.stdout, sys.stderr, sys.stdin, reactor)
         if status:
             raise SystemExit(status)
 

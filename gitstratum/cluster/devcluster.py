@@ -31,9 +31,10 @@ from typing import Any
 import attrs
 from twisted.python import usage
 
+from gitstratum import cmdline
 from gitstratum.cluster.secret import load_or_create
 
-__all__ = ["Node", "Options", "down", "load", "main", "plan", "status", "up"]
+__all__ = ["Node", "Options", "down", "load", "main", "plan", "run", "status", "up"]
 
 #: the plugin module and twistd tap name of each role, in start order
 ROLES = {
@@ -310,13 +311,8 @@ class Options(usage.Options):
             raise usage.UsageError("give a command: up, down or status")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    options = Options()
-    try:
-        options.parseOptions(list(sys.argv[1:] if argv is None else argv))
-    except usage.UsageError as e:
-        print(f"{options}\nerror: {e}", file=sys.stderr)
-        return 2
+def run(options: Options, out: Any = None) -> int:
+    """Carry out a parsed ``up``, ``down`` or ``status``; print the nodes; the exit status."""
     sub = options.subOptions
     try:
         if options.subCommand == "up":
@@ -327,9 +323,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RuntimeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(status(sub["dir"]))
+    print(status(sub["dir"]), file=out or sys.stdout)
     return 0
 
+
+def main(argv: Sequence[str] | None = None) -> int:
+    options = Options()
+    code = cmdline.parse(options, argv, "dev-cluster")
+    return code if code is not None else run(options)
 
 if __name__ == "__main__":
     sys.exit(main())

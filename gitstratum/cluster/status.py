@@ -7,8 +7,8 @@ wins. ``format_status`` renders the answer as a table. Run it as::
     python -m gitstratum.cluster.status --control 127.0.0.2:7100,127.0.0.3:7100 \
         --cluster-secret-file D/cluster.secret [--json]
 
-(``gitstratum cluster status`` asks a standalone server's admin API; the
-control-plane form will move into that command.)
+``gitstratum cluster status --control ...`` is the same, inside the
+admin command.
 """
 
 from __future__ import annotations

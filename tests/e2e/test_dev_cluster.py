@@ -1,8 +1,9 @@
 """End to end: ``dev-cluster`` runs real control and member processes, survives kill -9, and stops clean.
 
 Every node is its own ``twistd`` on its own loopback address (127.0.0.2, ...);
-the status comes from the control plane itself, over AMP with the cluster
-secret, through ``python -m gitstratum.cluster.status``.
+everything goes through the ``gitstratum`` command (``dev-cluster`` and
+``cluster status --control``), the status from the control plane itself,
+over AMP with the cluster secret.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ pytestmark = pytest.mark.e2e
 
 
 def devcluster(directory: Path, *args: str) -> str:
+    """``gitstratum dev-cluster ARGS --dir DIRECTORY``; its output."""
     proc = subprocess.run(
-        [sys.executable, "-m", "gitstratum.cluster.devcluster", *args, "--dir", str(directory)],
+        [sys.executable, "-m", "gitstratum.cli", "dev-cluster", *args, "--dir", str(directory)],
         capture_output=True,
         env=checkout_env(),
         timeout=120,
@@ -44,25 +46,27 @@ def nodes(directory: Path) -> dict[str, dict[str, Any]]:
 
 
 def status(directory: Path, *control: str) -> dict[str, Any] | None:
-    """The control plane's status document, or None while no control node answers."""
+    """The control plane's status document (``gitstratum cluster status --control --json``), or None
+    while no control node answers."""
     addresses = control or tuple(
         n["address"] for n in nodes(directory).values() if n["role"] == "control"
     )
+    env = {k: v for k, v in checkout_env().items() if not k.startswith("GITSTRATUM_")}
     proc = subprocess.run(
         [
             sys.executable,
             "-m",
-            "gitstratum.cluster.status",
+            "gitstratum.cli",
+            "cluster",
+            "status",
             "--control",
             ",".join(addresses),
             "--cluster-secret-file",
             str(directory / "cluster.secret"),
-            "--timeout",
-            "2",
             "--json",
         ],
         capture_output=True,
-        env=checkout_env(),
+        env=env,
         timeout=60,
     )
     return json.loads(proc.stdout) if proc.returncode == 0 else None

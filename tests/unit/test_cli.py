@@ -191,6 +191,28 @@ def test_cluster_status_prints_json(h: Harness) -> None:
     assert result.out == '{\n  "mode": "standalone",\n  "ring": {\n    "epoch": 1\n  }\n}\n'
 
 
+def test_cluster_status_of_a_control_plane_needs_the_secret_not_a_token(
+    h: Harness, tmp_path: Path
+) -> None:
+    """--control asks a control node with the cluster secret: no token, and the secret required."""
+    result = h.run("cluster", "status", "--control", "127.0.0.2:7100", env={})
+    assert result.code == 2 and "--control needs --cluster-secret-file" in result.err
+    missing = str(tmp_path / "no-secret")
+    result = h.run(
+        "cluster", "status", "--control", "127.0.0.2:7100", "--cluster-secret-file", missing, env={}
+    )
+    assert result.code == 1 and "no cluster secret" in result.err
+    assert "token" not in result.err
+
+
+def test_dev_cluster_runs_without_a_server_or_token(h: Harness, tmp_path: Path) -> None:
+    """dev-cluster is part of the command and needs no API: status of an empty directory says so."""
+    result = h.run("dev-cluster", "status", "--dir", str(tmp_path / "dc"), env={})
+    assert result.code == 0 and "no dev cluster" in result.out
+    result = h.run("dev-cluster", env={})
+    assert result.code == 2 and "up, down or status" in result.err
+
+
 # -- errors ------------------------------------------------------------------------------
 
 
@@ -329,7 +351,7 @@ def test_usage_errors_exit_2(h: Harness, argv: list[str]) -> None:
             ["frobnicate"],
             "Usage: gitstratum [--url URL] [--token TOKEN] COMMAND ...",
             "unknown COMMAND 'frobnicate' (choose from repo, user, token, key, grant, revoke,"
-            " cluster)",
+            " cluster, dev-cluster)",
         ),
         (
             ["repo", "frob"],
