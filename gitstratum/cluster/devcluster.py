@@ -332,5 +332,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     code = cmdline.parse(options, argv, "dev-cluster")
     return code if code is not None else run(options)
 
+
 if __name__ == "__main__":
     sys.exit(main())
