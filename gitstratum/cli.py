@@ -27,10 +27,16 @@ from twisted.web.error import SchemeNotSupported
 from twisted.web.iweb import IResponse
 
 from gitstratum import __version__, cmdline
+from gitstratum.cluster import commands as wire
 from gitstratum.cluster import devcluster
 from gitstratum.cluster import secret as secret_file
 from gitstratum.cluster.member import parse_join
-from gitstratum.cluster.status import StatusUnavailable, cluster_status, format_status
+from gitstratum.cluster.status import (
+    StatusUnavailable,
+    cluster_status,
+    control_call,
+    format_status,
+)
 
 __all__ = ["main", "execute", "Options", "HTTPClient", "CLIError", "DEFAULT_URL"]
 
@@ -173,19 +179,46 @@ async def _revoke(s: _Session, o: _Command) -> None:
     s.print(f"revoked {o['user']}'s access to {o['repo']}")
 
 
+def _control(o: _Command) -> tuple[tuple[str, ...], bytes]:
+    """The control addresses and the cluster secret a ``--control`` command was given."""
+    try:
+        return parse_join(o["control"]), secret_file.load(o["cluster-secret-file"])
+    except (secret_file.SecretError, ValueError) as e:
+        raise CLIError(str(e)) from None
+
+
 async def _cluster_status(s: _Session, o: _Command) -> None:
     if not o["control"]:
         status = await s.call("GET", ["cluster", "status"])
         s.print(json.dumps(status, indent=2, sort_keys=True))
         return
+    addresses, secret = _control(o)
     try:
-        secret = secret_file.load(o["cluster-secret-file"])
-        doc = await cluster_status(s.reactor, parse_join(o["control"]), secret)
-    except (secret_file.SecretError, ValueError) as e:
-        raise CLIError(str(e)) from None
+        doc = await cluster_status(s.reactor, addresses, secret)
     except StatusUnavailable as e:
         raise CLIError(f"no control node answered: {e}") from None
     s.print(json.dumps(doc, indent=2, sort_keys=True) if o["json"] else format_status(doc))
+
+
+async def _cluster_change(s: _Session, o: _Command, command: type[Any], done: str) -> None:
+    addresses, secret = _control(o)
+    try:
+        answer = await control_call(s.reactor, addresses, secret, command, node=o["node"])
+    except wire.Refused as e:
+        raise CLIError(f"refused: {e}") from None
+    except wire.NoLeader:
+        raise CLIError("no control node leads right now (an election); try again") from None
+    except StatusUnavailable as e:
+        raise CLIError(f"no control node answered: {e}") from None
+    s.print(f"{done} {o['node']} (epoch {answer['epoch']})")
+
+
+async def _cluster_drain(s: _Session, o: _Command) -> None:
+    await _cluster_change(s, o, wire.Drain, "draining")
+
+
+async def _cluster_remove(s: _Session, o: _Command) -> None:
+    await _cluster_change(s, o, wire.Remove, "removed")
 
 
 # -- the grammar ------------------------------------------------------------------------
@@ -364,19 +397,13 @@ class _Revoke(_Command):
     run = staticmethod(_revoke)
 
 
-class _ClusterStatus(_Command):
-    longdesc = (
-        "Without --control: the status the server's admin API reports, as JSON. With "
-        "--control: every member of a cluster, its role, state, address, zone and last "
-        "heartbeat, the ring epoch and the control plane's leader and term, asked of any "
-        "control node with the cluster secret (no API token needed)."
-    )
+class _ControlCommand(_Command):
+    """A command that can speak to a control node: ``--control`` and the cluster secret."""
+
     optParameters: ClassVar[list[list[Any]]] = [
         ["control", None, None, "Control-plane addresses, HOST:PORT[,...]."],
         ["cluster-secret-file", None, None, "The cluster secret (with --control)."],
     ]
-    optFlags: ClassVar[list[list[Any]]] = [["json", None, "With --control: print JSON."]]
-    run = staticmethod(_cluster_status)
 
     def postOptions(self) -> None:
         super().postOptions()
@@ -387,9 +414,48 @@ class _ClusterStatus(_Command):
         return not self["control"]
 
 
+class _ClusterStatus(_ControlCommand):
+    longdesc = (
+        "Without --control: the status the server's admin API reports, as JSON. With "
+        "--control: every member of a cluster, its role, state, address, zone and last "
+        "heartbeat, the ring epoch and the control plane's leader and term, asked of any "
+        "control node with the cluster secret (no API token needed)."
+    )
+    optFlags: ClassVar[list[list[Any]]] = [["json", None, "With --control: print JSON."]]
+    run = staticmethod(_cluster_status)
+
+
+class _ClusterNodeChange(_ControlCommand):
+    """An operator action on a node: through a control node (``--control``) for now."""
+
+    arguments = (("node", "NODE"),)
+
+    def postOptions(self) -> None:
+        if not self["control"]:
+            raise usage.UsageError("give --control HOST:PORT and --cluster-secret-file")
+        super().postOptions()
+
+
+class _ClusterDrain(_ClusterNodeChange):
+    longdesc = "Mark NODE draining: it stays up while its data moves to the other nodes."
+    run = staticmethod(_cluster_drain)
+
+
+class _ClusterRemove(_ClusterNodeChange):
+    longdesc = (
+        "Remove NODE from the cluster. Refused for the last control node and for a node "
+        "that still holds data (drain it first)."
+    )
+    run = staticmethod(_cluster_remove)
+
+
 class _Cluster(_Group):
-    longdesc = "Inspect the cluster."
-    subCommands = [["status", None, _ClusterStatus, "Print the cluster status as JSON."]]
+    longdesc = "Inspect and operate the cluster."
+    subCommands = [
+        ["status", None, _ClusterStatus, "Print the cluster status."],
+        ["drain", None, _ClusterDrain, "Drain NODE (its data moves elsewhere)."],
+        ["remove", None, _ClusterRemove, "Remove a drained NODE."],
+    ]
 
 
 class Options(_Options):
@@ -411,7 +477,7 @@ class Options(_Options):
         ["key", None, _Key, "Manage SSH public keys."],
         ["grant", None, _Grant, "Give USER a permission on a repository."],
         ["revoke", None, _Revoke, "Take away USER's permission on a repository."],
-        ["cluster", None, _Cluster, "Inspect the cluster."],
+        ["cluster", None, _Cluster, "Inspect and operate the cluster."],
         ["dev-cluster", None, devcluster.Options, "Run a whole cluster on this machine."],
     ]
 

@@ -33,7 +33,7 @@ from gitstratum.cluster.auth import AuthenticationFailed, NodeAMP, NotAuthentica
 from gitstratum.cluster.commands import ClusterStatus
 from gitstratum.cluster.member import control_endpoint, parse_join
 
-__all__ = ["StatusUnavailable", "cluster_status", "format_status", "main"]
+__all__ = ["StatusUnavailable", "cluster_status", "control_call", "format_status", "main"]
 
 #: every way one control node can fail to answer; the next one is tried
 _NO_ANSWER = (
@@ -52,10 +52,21 @@ class StatusUnavailable(Exception):
     """No control node answered; the message lists why, address by address."""
 
 
-async def cluster_status(
-    reactor: Any, control: Sequence[str], secret: bytes, *, timeout: float = 5.0
+async def control_call(
+    reactor: Any,
+    control: Sequence[str],
+    secret: bytes,
+    command: type[amp.Command],
+    *,
+    timeout: float = 5.0,
+    **arguments: Any,
 ) -> dict[str, Any]:
-    """The ``ClusterStatus`` document from the first of *control* that answers."""
+    """Send *command* to the first of *control* that answers; its answer.
+
+    A node that cannot be reached, or does not prove the secret, is passed
+    over for the next; what a node answers (a ``Refused`` or ``NoLeader``
+    included) is the answer. ``StatusUnavailable`` when none answers.
+    """
     errors = []
     for address in control:
         proto = NodeAMP(secret, "gitstratum-cli", reactor, timeout=timeout)
@@ -64,14 +75,21 @@ async def cluster_status(
                 reactor, connectProtocol(control_endpoint(reactor, address), proto), timeout
             )
             await _within(reactor, proto.authenticate(), timeout)
-            answer = await _within(reactor, proto.callRemote(ClusterStatus), timeout)
-            return dict(json.loads(answer["status"]))
+            return dict(await _within(reactor, proto.callRemote(command, **arguments), timeout))
         except _NO_ANSWER as e:
             errors.append(f"{address}: {e or type(e).__name__}")
         finally:
             if proto.transport is not None:
                 proto.transport.loseConnection()
     raise StatusUnavailable("; ".join(errors) or "no control address given")
+
+
+async def cluster_status(
+    reactor: Any, control: Sequence[str], secret: bytes, *, timeout: float = 5.0
+) -> dict[str, Any]:
+    """The ``ClusterStatus`` document from the first of *control* that answers."""
+    answer = await control_call(reactor, control, secret, ClusterStatus, timeout=timeout)
+    return dict(json.loads(answer["status"]))
 
 
 def _within(reactor: IReactorTime, d: Deferred[Any], timeout: float) -> Deferred[Any]:

@@ -40,6 +40,27 @@ def devcluster(directory: Path, *args: str) -> str:
     return proc.stdout.decode()
 
 
+def gitstratum(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """The ``gitstratum`` command, with no API token in its environment."""
+    env = {k: v for k, v in checkout_env().items() if not k.startswith("GITSTRATUM_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "gitstratum.cli", *args], capture_output=True, env=env, timeout=60
+    )
+    assert not check or proc.returncode == 0, proc.stderr.decode()
+    return proc
+
+
+def control_args(directory: Path) -> tuple[str, ...]:
+    """``--control`` (every control node) and ``--cluster-secret-file`` for *directory*'s cluster."""
+    control = [n["address"] for n in nodes(directory).values() if n["role"] == "control"]
+    return (
+        "--control",
+        ",".join(control),
+        "--cluster-secret-file",
+        str(directory / "cluster.secret"),
+    )
+
+
 def nodes(directory: Path) -> dict[str, dict[str, Any]]:
     doc = json.loads((directory / "cluster.json").read_text())
     return {n["name"]: n for n in doc["nodes"]}
@@ -51,23 +72,15 @@ def status(directory: Path, *control: str) -> dict[str, Any] | None:
     addresses = control or tuple(
         n["address"] for n in nodes(directory).values() if n["role"] == "control"
     )
-    env = {k: v for k, v in checkout_env().items() if not k.startswith("GITSTRATUM_")}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "gitstratum.cli",
-            "cluster",
-            "status",
-            "--control",
-            ",".join(addresses),
-            "--cluster-secret-file",
-            str(directory / "cluster.secret"),
-            "--json",
-        ],
-        capture_output=True,
-        env=env,
-        timeout=60,
+    proc = gitstratum(
+        "cluster",
+        "status",
+        "--control",
+        ",".join(addresses),
+        "--cluster-secret-file",
+        str(directory / "cluster.secret"),
+        "--json",
+        check=False,
     )
     return json.loads(proc.stdout) if proc.returncode == 0 else None
 
@@ -170,7 +183,9 @@ def test_with_every_control_node_killed_members_keep_their_topology(cluster: Pat
     The members' processes keep running and their on-disk topology (what
     they serve from) stays as it was. Restarted with ``up``, the control
     plane comes back from its Raft logs with the same members and epoch,
-    and every member is active again.
+    and every member is active again. Then ``cluster remove`` of a node
+    that holds data is refused, and ``drain`` then ``remove`` takes it off
+    the ring (a new epoch).
     """
     expected = set(nodes(cluster))
     wait_for(
@@ -204,3 +219,16 @@ def test_with_every_control_node_killed_members_keep_their_topology(cluster: Pat
     )
     after = status(cluster)
     assert after is not None and after["epoch"] == before["epoch"]
+
+    # an operator removes a node: refused while it holds data, done once drained
+    refused = gitstratum("cluster", "remove", "object-2", *control_args(cluster), check=False)
+    assert refused.returncode == 1 and "refused" in refused.stderr.decode()
+    gitstratum("cluster", "drain", "object-2", *control_args(cluster))
+    gitstratum("cluster", "remove", "object-2", *control_args(cluster))
+    wait_for(
+        "object-2 removed",
+        lambda: states(status(cluster)).get("object-2") in (None, "removed"),
+        30,
+    )
+    now = status(cluster)
+    assert now is not None and now["epoch"] > before["epoch"]

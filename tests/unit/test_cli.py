@@ -205,6 +205,27 @@ def test_cluster_status_of_a_control_plane_needs_the_secret_not_a_token(
     assert "token" not in result.err
 
 
+def test_cluster_drain_and_remove_go_to_a_control_node(h: Harness, tmp_path: Path) -> None:
+    """drain and remove name a NODE and need --control with the secret, not an API token."""
+    result = h.run("cluster", "drain", env={})
+    assert result.code == 2 and "missing NODE" in result.err
+    result = h.run("cluster", "remove", "object-1", env={})
+    assert result.code == 2 and "give --control" in result.err
+    missing = str(tmp_path / "no-secret")
+    for action in ("drain", "remove"):
+        result = h.run(
+            "cluster",
+            action,
+            "object-1",
+            "--control",
+            "127.0.0.2:7100",
+            "--cluster-secret-file",
+            missing,
+            env={},
+        )
+        assert result.code == 1 and "no cluster secret" in result.err
+
+
 def test_dev_cluster_runs_without_a_server_or_token(h: Harness, tmp_path: Path) -> None:
     """dev-cluster is part of the command and needs no API: status of an empty directory says so."""
     result = h.run("dev-cluster", "status", "--dir", str(tmp_path / "dc"), env={})
