@@ -197,7 +197,11 @@ def up(
     make_plan: Callable[..., list[Node]] = plan,
     ready: Callable[[Node], bool] | None = None,
 ) -> list[Node]:
-    """Start the cluster in *directory* (or the nodes of it that are not running); wait for them."""
+    """Start the cluster in *directory* (or the nodes of it that are not running); wait for them.
+
+    With the real nodes (no *ready* given) and a control plane, it returns
+    once the control plane reports every node active, not only listening.
+    """
     directory = os.path.abspath(directory)
     os.makedirs(directory, mode=0o700, exist_ok=True)
     load_or_create(os.path.join(directory, "cluster.secret"))
@@ -221,7 +225,40 @@ def up(
             raise RuntimeError(f"{', '.join(n.name for n in waiting)} not up in {timeout} s")
         if waiting:
             time.sleep(0.1)
+    controls = [n for n in nodes if n.role == "control"]
+    if ready is None and started and controls:
+        # listening is not joined: wait until the control plane says every node is active
+        secret = os.path.join(directory, "cluster.secret")
+        while not _all_active(controls, secret, nodes):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the nodes were not all active in {timeout} s; see their logs")
+            time.sleep(0.2)
     return nodes
+
+
+def _all_active(controls: list[Node], secret: str, nodes: list[Node]) -> bool:
+    """Whether the control plane (any of *controls*) reports every one of *nodes* active."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gitstratum.cluster.status",
+            "--control",
+            ",".join(n.address for n in controls),
+            "--cluster-secret-file",
+            secret,
+            "--timeout",
+            "2",
+            "--json",
+        ],
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    if proc.returncode:
+        return False
+    states = {m["name"]: m["state"] for m in json.loads(proc.stdout)["nodes"]}
+    return all(states.get(n.name) == "active" for n in nodes)
 
 
 def down(directory: str, *, grace: float = 10.0) -> list[Node]:
