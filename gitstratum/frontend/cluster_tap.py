@@ -11,9 +11,9 @@ from typing import Any
 
 from twisted.application.service import IService
 
-from gitstratum.cluster.node import MemberOptions, member_node
-from gitstratum.control.commands import Join, encode_command
-from gitstratum.control.topology import Role, Topology
+from gitstratum.cluster.node import MemberOptions
+from gitstratum.control.membership import member_service
+from gitstratum.control.topology import Role
 
 __all__ = ["Options", "makeService"]
 
@@ -33,9 +33,4 @@ class Options(MemberOptions):
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
-    return member_node(
-        options,
-        join=lambda **kw: encode_command(Join(**kw)),
-        decode=Topology.decode,
-        reactor=reactor,
-    )
+    return member_service(options, reactor)
