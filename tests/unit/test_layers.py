@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import ast
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import attrs
@@ -282,19 +282,28 @@ def test_the_rules_name_real_modules(
             assert any(in_units(m, [name]) for m in modules), f"{rule}: no module {name}"
 
 
+def _reaching(
+    code: tuple[dict[str, Path], list[Import]], names: Iterable[str], bad: Callable[[str], bool]
+) -> list[str]:
+    """Each foreign import a module of *names* makes, itself or through modules of ours, that is *bad*."""
+    modules, imports = code
+    module_edges, foreign = _module_edges(modules, imports)
+    return [
+        f"{start}: {i}"
+        for start in sorted(m for m in modules if in_units(m, names))
+        for module in sorted(closure(start, module_edges))
+        for i in foreign.get(module, ())
+        if bad(i.target)
+    ]
+
+
 def test_pure_modules_import_nothing_from_twisted(
     code: tuple[dict[str, Path], list[Import]], drawn: Layers
 ) -> None:
     """Pure modules reach no Twisted module (reactor, Deferred, clock), directly or through ours."""
-    modules, imports = code
-    module_edges, foreign = _module_edges(modules, imports)
-    found = [
-        f"{start}: {i}"
-        for start in sorted(m for m in modules if in_units(m, drawn.rules["pure"]))
-        for module in sorted(closure(start, module_edges))
-        for i in foreign.get(module, ())
-        if i.target == "twisted" or i.target.startswith("twisted.")
-    ]
+    found = _reaching(
+        code, drawn.rules["pure"], lambda t: t == "twisted" or t.startswith("twisted.")
+    )
     assert not found, "pure modules reach Twisted:\n" + "\n".join(found)
 
 
@@ -302,15 +311,7 @@ def test_reactor_free_units_never_import_the_reactor(
     code: tuple[dict[str, Path], list[Import]], drawn: Layers
 ) -> None:
     """Reactor-free units never import the global reactor, even lazily or through a module of ours."""
-    modules, imports = code
-    module_edges, foreign = _module_edges(modules, imports)
-    found = [
-        f"{start}: {i}"
-        for start in sorted(m for m in modules if in_units(m, drawn.rules["reactor-free"]))
-        for module in sorted(closure(start, module_edges))
-        for i in foreign.get(module, ())
-        if _is_reactor(i.target)
-    ]
+    found = _reaching(code, drawn.rules["reactor-free"], _is_reactor)
     assert not found, "reactor-free modules reach the reactor:\n" + "\n".join(found)
 
 
