@@ -315,7 +315,7 @@ class _Up(usage.Options):
         ["metadata", None, 3, "Metadata nodes.", int],
         ["object", None, 3, "Object nodes.", int],
         ["frontend", None, 2, "Frontends.", int],
-        ["timeout", None, 60.0, "Seconds to wait for every node to listen.", float],
+        ["timeout", None, 60.0, "Seconds to wait for every node to be up and active.", float],
     ]
 
     def postOptions(self) -> None:
